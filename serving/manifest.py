@@ -1,0 +1,198 @@
+"""The export manifest (`exported/model.json`): schema, validation and checksum verification.
+
+Shared by `training.export` (which writes it) and `python -m serving` (which refuses to load a model
+whose files do not match it). Imports nothing heavier than the standard library: no torch, no ORT.
+
+Schema version 1, the keys that matter to a reader:
+
+    schema_version   1
+    name, version    model name; version = first 16 hex of sha256(encoder sha256 + decoder sha256)
+    example_shape    e.g. [64] or [1, 28, 28]: one example, without the batch dimension
+    latent_dim       d
+    likelihood       "bernoulli" | "gaussian";  learned_variance: bool
+    normalization    how raw data becomes model space: x_model = (x_raw - offset) / scale, and back:
+                     x_raw = x_model * scale + offset. offset/scale are numbers or flat lists of
+                     prod(example_shape) numbers. The ONNX graphs and the server speak model space.
+    files            {"encoder": {"path", "sha256", "bytes"}, "decoder": {...}}
+    encoder/decoder  {"inputs": [TensorSpec], "outputs": [TensorSpec]}; TensorSpec = {name, dtype,
+                     shape} with -1 for the dynamic batch dimension
+    opset, created_at, versions {torch, onnx, onnxruntime}, training {config, metrics}, parity {...}
+
+Errors:
+
+    ManifestError             the manifest is missing, unreadable or does not match the schema
+    └── ChecksumMismatch      a model file's sha256 differs from the manifest (tampered or corrupt)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "model.json"
+MODEL_ROLES: tuple[str, ...] = ("encoder", "decoder")
+
+
+class ManifestError(Exception):
+    """The manifest is missing, unreadable, or does not match the schema."""
+
+
+class ChecksumMismatch(ManifestError):
+    """A model file's sha256 differs from the one recorded in the manifest."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]  # -1 marks the dynamic batch dimension
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> "TensorSpec":
+        try:
+            return cls(name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(int(s) for s in d["shape"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: expected {{name, dtype, shape}}, got {d!r} ({e})") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated `model.json`. `raw` keeps every key, including the informational ones."""
+
+    name: str
+    version: str
+    example_shape: tuple[int, ...]
+    latent_dim: int
+    likelihood: str
+    learned_variance: bool
+    normalization: dict[str, Any]
+    files: dict[str, FileEntry]
+    graphs: dict[str, GraphSpec]
+    opset: int
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def example_size(self) -> int:
+        return math.prod(self.example_shape)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ManifestError(f"schema_version: expected {SCHEMA_VERSION}, got {d.get('schema_version')!r}")
+        try:
+            files = {role: FileEntry(path=str(d["files"][role]["path"]), sha256=str(d["files"][role]["sha256"]),
+                                     bytes=int(d["files"][role]["bytes"])) for role in MODEL_ROLES}
+            graphs = {role: GraphSpec(
+                inputs=tuple(TensorSpec.from_dict(t, f"{role}.inputs") for t in d[role]["inputs"]),
+                outputs=tuple(TensorSpec.from_dict(t, f"{role}.outputs") for t in d[role]["outputs"]))
+                for role in MODEL_ROLES}
+            m = cls(name=str(d["name"]), version=str(d["version"]),
+                    example_shape=tuple(int(s) for s in d["example_shape"]),
+                    latent_dim=int(d["latent_dim"]), likelihood=str(d["likelihood"]),
+                    learned_variance=bool(d.get("learned_variance", False)),
+                    normalization=dict(d["normalization"]), files=files, graphs=graphs,
+                    opset=int(d["opset"]), raw=d)
+        except KeyError as e:
+            raise ManifestError(f"manifest: missing key {e}") from e
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"manifest: malformed value ({e})") from e
+        m._check()
+        return m
+
+    def _check(self) -> None:
+        if self.likelihood not in ("bernoulli", "gaussian"):
+            raise ManifestError(f"likelihood: expected 'bernoulli' or 'gaussian', got {self.likelihood!r}")
+        if self.latent_dim < 1 or not self.example_shape or min(self.example_shape) < 1:
+            raise ManifestError(f"latent_dim/example_shape: expected positive sizes, got "
+                                f"{self.latent_dim}, {self.example_shape}")
+        enc, dec = self.graphs["encoder"], self.graphs["decoder"]
+        expect = {
+            "encoder input 'x'": (enc.inputs, "x", (-1, *self.example_shape)),
+            "encoder output 'mu'": (enc.outputs, "mu", (-1, self.latent_dim)),
+            "encoder output 'var'": (enc.outputs, "var", (-1, self.latent_dim)),
+            "decoder input 'z'": (dec.inputs, "z", (-1, self.latent_dim)),
+            "decoder output 'x_mean'": (dec.outputs, "x_mean", (-1, *self.example_shape)),
+        }
+        for what, (specs, name, shape) in expect.items():
+            found = [t for t in specs if t.name == name]
+            if not found:
+                raise ManifestError(f"{what}: expected in the manifest, got names {[t.name for t in specs]}")
+            if found[0].shape != shape or found[0].dtype != "float32":
+                raise ManifestError(f"{what}: expected float32 {list(shape)}, got {found[0].dtype} "
+                                    f"{list(found[0].shape)}")
+        for key in ("offset", "scale"):
+            v = self.normalization.get(key)
+            ok = isinstance(v, (int, float)) or (isinstance(v, list) and len(v) == self.example_size)
+            if not ok:
+                raise ManifestError(f"normalization.{key}: expected a number or {self.example_size} numbers, "
+                                    f"got {type(v).__name__}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_version(encoder_sha256: str, decoder_sha256: str) -> str:
+    """A version derived from the file contents: equal files, equal version."""
+    return hashlib.sha256((encoder_sha256 + decoder_sha256).encode()).hexdigest()[:16]
+
+
+def load_manifest(model_dir: Path) -> Manifest:
+    """Read and validate `model_dir/model.json` (does not verify checksums: see `verify_model_dir`)."""
+    path = Path(model_dir) / MANIFEST_NAME
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ManifestError(f"{path}: no manifest; export a model with `python -m training.export`") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: unreadable manifest ({e})") from e
+    if not isinstance(d, dict):
+        raise ManifestError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return Manifest.from_dict(d)
+
+
+def verify_files(model_dir: Path, manifest: Manifest) -> None:
+    """Check every model file against its recorded size and sha256; raise ChecksumMismatch if not."""
+    for role, entry in manifest.files.items():
+        path = Path(model_dir) / entry.path
+        if not path.is_file():
+            raise ManifestError(f"files.{role}: {path} is missing")
+        actual = sha256_file(path)
+        if actual != entry.sha256:
+            raise ChecksumMismatch(f"files.{role}: {path} has sha256 {actual}, the manifest expects "
+                                   f"{entry.sha256}; the file was modified or corrupted after export")
+
+
+def verify_model_dir(model_dir: Path) -> Manifest:
+    """Load the manifest and verify every checksum: the one call a server makes before loading."""
+    manifest = load_manifest(model_dir)
+    verify_files(model_dir, manifest)
+    return manifest

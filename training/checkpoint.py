@@ -1,0 +1,103 @@
+"""Checkpoints: atomic save, validated load, and rebuilding the model a checkpoint describes.
+
+A checkpoint is one `torch.save` dict (format 1):
+
+    format_version      1
+    config              TrainConfig.to_dict(): how the model was made
+    example_shape       [int, ...]: one example without the batch dimension
+    normalization       {"kind", "offset", "scale"}: raw data -> model space, as in the manifest
+    model               the VAE's state_dict
+    optimizer           the optimiser's state_dict
+    epoch               epochs completed
+    rng                 RNG states needed to resume bit-for-bit
+    best_val_neg_elbo   best validation -ELBO so far (float, inf before the first epoch)
+    ...                 any further keys the trainer needs to resume (kept as they are)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import ConfigError, TrainConfig
+from training.model import VAE
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS: tuple[str, ...] = ("format_version", "config", "example_shape", "normalization", "model")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable, or incompatible with this code."""
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call `write(fileobj)` on a temporary file beside `path`, fsync it, then rename it into place.
+
+    A crash at any point leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint dict atomically (temporary file + fsync + rename)."""
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    assert not missing, f"checkpoint state lacks {missing}"
+    atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint; raise CheckpointError with a message naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        # weights_only=False: the checkpoint holds RNG states and plain dicts, all written by us.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a vae-serve checkpoint (missing keys {missing})")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version: expected {FORMAT_VERSION}, got {state['format_version']!r}")
+    return state
+
+
+def config_from_checkpoint(state: dict[str, Any], path: Path | str = "checkpoint") -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(dict(state["config"]))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: config incompatible with this version ({e})") from e
+
+
+def model_from_checkpoint(state: dict[str, Any], path: Path | str = "checkpoint") -> VAE:
+    """Rebuild the VAE a checkpoint describes and load its weights, in eval mode, on CPU."""
+    config = config_from_checkpoint(state, path)
+    try:
+        model = VAE(config, tuple(state["example_shape"]))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot build the model its config describes ({e})") from e
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0:3]
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes: "
+                              f"{' '.join(first)}") from e
+    return model.eval()
