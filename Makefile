@@ -21,6 +21,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
+	bash scripts/ensure_system_tools.sh
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
