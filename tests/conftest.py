@@ -1,0 +1,39 @@
+"""Shared fixtures: a real trained run and a real export, made once per test session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+
+
+def run_module(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `python -m ARGS` from the repo root; fail the test with its output if it exits non-zero."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"python -m {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n"
+                    f"--- stderr\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small VAE trained on digits for a few epochs with `python -m training.fit`, then evaluated."""
+    run = tmp_path_factory.mktemp("runs") / "digits"
+    run_module("training.fit", "--data", "digits", "--epochs", "4", "--seed", "0", "--out", str(run))
+    run_module("training.evaluate", "--run", str(run), "--k", "50")
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported_model_dir(trained_run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`trained_run_dir` exported with `python -m training.export` (the real export, parity gate included)."""
+    out = tmp_path_factory.mktemp("export") / "exported"
+    run_module("training.export", "--run", str(trained_run_dir), "--out", str(out))
+    return out
