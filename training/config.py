@@ -36,9 +36,11 @@ class TrainConfig:
     learn_variance: bool = False
     image_size: int = 28
     binarize: bool = False
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = 1e-3
+    # Bernoulli on float data outside [0, 1]: min-max scale from the training split instead of failing.
+    rescale: bool = False
+    epochs: int = 150
+    batch_size: int = 64
+    lr: float = 3e-3
     weight_decay: float = 0.0
     beta: float = 1.0
     kl_warmup_epochs: int = 0

@@ -1,0 +1,121 @@
+"""python -m training.fit end to end: digits, the MNIST test set, SIGKILL + --resume, evaluate."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.conftest import (
+    REPO_ROOT,
+    TINY_FLAGS,
+    python_env,
+    read_metrics,
+    run_python,
+    without_timing,
+)
+from training import evaluate, fit
+from training.checkpoint import load_checkpoint
+
+RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "samples.png",
+             "reconstructions.png", "curves.png", "interpolation.png")
+
+
+def test_fit_on_digits_lowers_validation_neg_elbo_and_writes_the_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert fit.main([*TINY_FLAGS, "--epochs", "5", "--batch-size", "64", "--out", str(run)]) == 0
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[-1]["val_neg_elbo"] < rows[0]["val_neg_elbo"]
+    for key in ("train_neg_elbo", "train_recon_nll", "train_kl", "val_neg_elbo", "val_recon_nll", "val_kl",
+                "val_kl_per_dim", "val_active_units", "lr", "examples_per_s", "seconds"):
+        assert key in rows[0], key
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 5
+    assert summary["best_val_neg_elbo"] == min(r["val_neg_elbo"] for r in rows)
+    state = load_checkpoint(run / "best.pt")
+    assert state["epoch"] == summary["best_epoch"]
+    assert state["normalization"] == {"kind": "scale", "offset": 0.0, "scale": 16.0}
+    assert json.loads((run / "config.json").read_text())["hidden"] == [32]
+
+    # evaluate merges a "test" block into summary.json
+    assert evaluate.main(["--run", str(run), "--k", "20", "--log-level", "WARNING"]) == 0
+    test = json.loads((run / "summary.json").read_text())["test"]
+    for key in ("neg_elbo", "iwae_log_likelihood", "iwae_k", "active_units", "kl_per_dim", "recon_log_lik", "kl"):
+        assert key in test, key
+    assert test["iwae_k"] == 20 and len(test["kl_per_dim"]) == 4
+    # the IWAE bound is at least as tight as the ELBO (up to Monte-Carlo noise)
+    assert test["iwae_log_likelihood"] > -test["neg_elbo"] - 1.0
+
+
+def test_early_stopping_and_refusing_to_overwrite_a_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert fit.main([*TINY_FLAGS, "--epochs", "40", "--patience", "1", "--lr", "0.3", "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["epochs_completed"] < 40
+    assert fit.main([*TINY_FLAGS, "--epochs", "2", "--out", str(run)]) == 2  # already holds a run
+    assert fit.main([*TINY_FLAGS, "--resume", "--lr", "0.1", "--out", str(run)]) == 2  # lr differs
+
+
+def test_fit_on_the_mnist_test_set(tmp_path: Path, mnist_dir: Path) -> None:
+    run = tmp_path / "mnist"
+    assert fit.main(["--data", f"mnist:{mnist_dir}", "--hidden", "128", "--latent-dim", "8", "--epochs", "3",
+                     "--batch-size", "128", "--no-progress", "--log-level", "WARNING", "--out", str(run)]) == 0
+    rows = read_metrics(run)
+    assert rows[-1]["val_neg_elbo"] < rows[0]["val_neg_elbo"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["example_shape"] == [784]
+    assert (summary["data"]["train"], summary["data"]["val"], summary["data"]["test"]) == (8000, 1000, 1000)
+    assert evaluate.main(["--run", str(run), "--k", "5", "--log-level", "WARNING"]) == 0
+
+
+def _wait_and_kill_mid_epoch(proc: subprocess.Popen[str], run: Path, after_epochs: int) -> None:
+    """SIGKILL `proc` about half-way through epoch after_epochs + 1 (timed from the epochs so far)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= after_epochs:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training ended (rc {proc.returncode}) before it could be killed")
+        time.sleep(0.01)
+    epoch_s = read_metrics(run)[-1]["seconds"]
+    time.sleep(epoch_s / 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_and_resumed_ends_with_identical_metrics(tmp_path: Path) -> None:
+    flags = [*TINY_FLAGS, "--epochs", "5", "--batch-size", "4", "--binarize", "--kl-warmup-epochs", "2",
+             "--free-bits", "0.05"]
+    ref = tmp_path / "uninterrupted"
+    done = run_python("training.fit", *flags, "--out", str(ref))
+    assert done.returncode == 0, done.stderr
+
+    run = tmp_path / "killed"
+    with (tmp_path / "killed.log").open("w") as log, subprocess.Popen(
+            [sys.executable, "-m", "training.fit", *flags, "--out", str(run)], cwd=REPO_ROOT, env=python_env(),
+            text=True, stdout=log, stderr=subprocess.STDOUT) as proc:
+        _wait_and_kill_mid_epoch(proc, run, after_epochs=2)
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] < 5
+    assert not (run / "summary.json").exists()
+
+    resumed = run_python("training.fit", *flags, "--resume", "--out", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert without_timing(read_metrics(run)) == without_timing(read_metrics(ref))
+    a, b = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(ref / "checkpoint.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    sa = json.loads((run / "summary.json").read_text())
+    sb = json.loads((ref / "summary.json").read_text())
+    assert (sa["best_epoch"], sa["best_val_neg_elbo"], sa["final"]) == (sb["best_epoch"], sb["best_val_neg_elbo"],
+                                                                        sb["final"])

@@ -1,0 +1,410 @@
+"""Train a VAE: one process, or data-parallel under torchrun.
+
+    python -m training.fit --data digits --out runs/demo [--epochs 60] [--resume]
+    torchrun --nproc_per_node=2 -m training.fit --data digits --out runs/ddp     # gloo on CPU, NCCL on GPU
+
+The dataset lives in memory as tensors on the training device; each step slices a batch out of the
+epoch's permutation, so the hot loop does no per-example Python work. All randomness is explicit:
+the permutation of epoch e comes from `seed + e` (DistributedSampler semantics, see
+training/distributed.py) and the reparameterisation noise and dynamic binarisation come from a
+generator seeded from (seed, epoch, rank). A run killed at any point and restarted with `--resume`
+therefore ends with exactly the metrics of an uninterrupted run (on CPU).
+
+`--batch-size` is the GLOBAL batch size: with N ranks each rank takes batch_size / N examples a step.
+
+The run directory (written by rank 0 only): config.json, checkpoint.pt (last), best.pt, metrics.jsonl,
+summary.json, samples.png, reconstructions.png, curves.png, interpolation.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.elastic.multiprocessing.errors import record
+from tqdm import tqdm
+
+from training import distributed as D
+from training.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    atomic_write_bytes,
+    config_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from training.config import ConfigError, TrainConfig
+from training.data import DataError, DataSplits, load_data
+from training.evaluate import heldout_sums, stats_from_sums
+from training.model import VAE, training_objective
+
+logger = logging.getLogger(__name__)
+
+# Flags that may differ from the checkpoint's config when resuming; all others must match.
+RESUME_OVERRIDABLE: tuple[str, ...] = ("epochs", "patience", "device")
+TIMING_KEYS: tuple[str, ...] = ("examples_per_s", "seconds")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunState:
+    """What carries over from one epoch to the next (and is saved in the checkpoint)."""
+
+    epoch: int = 0                       # epochs completed
+    best_val_neg_elbo: float = math.inf
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(choice: str, ctx: D.DistContext) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device: 'cuda' requested but torch.cuda.is_available() is False")
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+def noise_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator for epoch `epoch` on `rank`: eps ~ N(0, I) and binarisation draws."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch * 7_919 + rank) % 2**63)
+
+
+def kl_weight(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """beta, ramped linearly from ~0 over the first `kl_warmup_epochs` epochs (per step)."""
+    if config.kl_warmup_epochs <= 0:
+        return config.beta
+    done = epoch * steps + step + 1
+    return config.beta * min(1.0, done / (config.kl_warmup_epochs * steps))
+
+
+def train_one_epoch(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x_train: Tensor, shard: Tensor,
+                    per_rank_batch: int, config: TrainConfig, epoch: int, gen: torch.Generator,
+                    progress: tqdm | None = None) -> dict[str, Tensor]:
+    """One pass over this rank's shard. `model` is the VAE or its DDP wrapper; returns float64 sums.
+
+    x_train (N, *shape) on the device; shard (n,) int64 indices into it (this rank, this epoch).
+    """
+    model.train()
+    shard = shard.to(x_train.device)
+    steps = -(-len(shard) // per_rank_batch)
+    dev = x_train.device
+    sum_log_lik = torch.zeros((), dtype=torch.float64, device=dev)
+    sum_kl = torch.zeros((), dtype=torch.float64, device=dev)
+    for step in range(steps):
+        x = x_train[shard[step * per_rank_batch:(step + 1) * per_rank_batch]]  # (b, *shape)
+        if config.binarize:
+            x = torch.bernoulli(x, generator=gen)  # dynamic binarisation
+        eps = torch.randn((len(x), vae.config.latent_dim), generator=gen, device=dev)  # (b, d)
+        terms, _, _ = model(x, eps)
+        loss = training_objective(terms, kl_weight(config, epoch, step, steps), config.free_bits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+        opt.step()
+        sum_log_lik += terms.log_lik.detach().double().sum()
+        sum_kl += terms.kl.detach().double().sum()
+        if progress is not None:
+            progress.update(1)
+            if step % 10 == 0 or step == steps - 1:
+                seen = min(len(shard), (step + 1) * per_rank_batch)
+                progress.set_postfix(neg_elbo=f"{float(sum_kl - sum_log_lik) / seen:.2f}", refresh=False)
+    n = torch.tensor(float(len(shard)), dtype=torch.float64, device=dev)
+    return {"n": n, "log_lik": sum_log_lik, "kl": sum_kl}
+
+
+def validate(vae: VAE, x_val: Tensor, config: TrainConfig, ctx: D.DistContext) -> dict[str, Any]:
+    """Validation metrics, each rank on a contiguous slice, reduced. The noise does not depend on ranks."""
+    vae.eval()
+    g = torch.Generator(device=x_val.device).manual_seed(config.seed + 1_000_000)
+    eps = torch.randn((len(x_val), config.latent_dim), generator=g, device=x_val.device)  # same every epoch
+    part = D.contiguous_shard(len(x_val), ctx)
+    sums = heldout_sums(vae, x_val[part], eps[part])
+    return stats_from_sums({k: D.all_reduce_sum(v, ctx) for k, v in sums.items()})
+
+
+def checkpoint_state(vae: VAE, opt: torch.optim.Optimizer, config: TrainConfig, splits: DataSplits,
+                     st: RunState, ctx: D.DistContext) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "config": config.to_dict(),
+            "example_shape": list(splits.example_shape), "normalization": splits.normalization.to_dict(),
+            "model": vae.state_dict(), "optimizer": opt.state_dict(), "epoch": st.epoch,
+            "rng": {"scheme": "per-epoch generators seeded from (seed, epoch, rank)",
+                    "torch_cpu": torch.get_rng_state()},
+            "best_val_neg_elbo": st.best_val_neg_elbo, "best_epoch": st.best_epoch,
+            "epochs_since_best": st.epochs_since_best,
+            "image_shape": list(splits.image_shape) if splits.image_shape else None,
+            "data_source": splits.source, "world_size": ctx.world_size}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def _read_history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    """metrics.jsonl rows up to the checkpoint's epoch (a crash may have left a later row)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["epoch"] <= upto_epoch]
+
+
+def fit(config: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
+        dist_timeout_s: float = 300.0, explicit: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Train according to `config` into run directory `out`; returns the summary (rank 0's view)."""
+    wants_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    ctx = D.init_distributed("cuda" if wants_cuda else "cpu", dist_timeout_s)
+    try:
+        return _fit(config, Path(out), resume, progress, ctx, explicit)
+    finally:
+        D.shutdown_distributed(ctx)
+
+
+def _fit(config: TrainConfig, out: Path, resume: bool, progress: bool, ctx: D.DistContext,
+         explicit: frozenset[str]) -> dict[str, Any]:
+    ckpt_path = out / "checkpoint.pt"
+    state: dict[str, Any] | None = None
+    if ckpt_path.exists() and not resume:
+        raise CheckpointError(f"{out}: already holds a run (checkpoint.pt); pass --resume to continue it or "
+                              "choose another --out")
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        config = _resumed_config(config_from_checkpoint(state, ckpt_path), config, explicit, ckpt_path)
+    elif resume:
+        logger.info("--resume: no %s yet, starting a new run", ckpt_path)
+    if config.batch_size % ctx.world_size:
+        raise ConfigError(f"batch_size: the GLOBAL batch size ({config.batch_size}) must be divisible by the "
+                          f"number of ranks ({ctx.world_size})")
+    per_rank_batch = config.batch_size // ctx.world_size
+    device = resolve_device(config.device, ctx)
+    splits = load_data(config)
+    torch.manual_seed(config.seed)  # parameter initialisation only; identical on every rank
+    vae = VAE(config, splits.example_shape).to(device)
+    opt = torch.optim.Adam(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    st = RunState()
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch_cpu"])
+        st = RunState(epoch=int(state["epoch"]), best_val_neg_elbo=float(state["best_val_neg_elbo"]),
+                      best_epoch=int(state.get("best_epoch", 0)),
+                      epochs_since_best=int(state.get("epochs_since_best", 0)),
+                      history=_read_history(out / "metrics.jsonl", int(state["epoch"])))
+        if state.get("world_size", ctx.world_size) != ctx.world_size:
+            logger.warning("resuming a run made with %s ranks on %d ranks: later epochs shard differently",
+                           state.get("world_size"), ctx.world_size)
+        logger.info("resumed %s at epoch %d (best val -ELBO %.3f at epoch %d)", ckpt_path, st.epoch,
+                    st.best_val_neg_elbo, st.best_epoch)
+    model: nn.Module = vae
+    if ctx.is_distributed:
+        model = nn.parallel.DistributedDataParallel(
+            vae, device_ids=[device.index] if device.type == "cuda" else None)
+    x_train, x_val = splits.train.to(device), splits.val.to(device)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", config.to_dict())
+        metrics_file = out / "metrics.jsonl"
+        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in st.history))
+    logger.info("%s; %s on %s; %d rank(s), batch %d per rank, global batch %d; %d parameters",
+                splits.describe(), config.arch, device, ctx.world_size, per_rank_batch,
+                per_rank_batch * ctx.world_size, sum(p.numel() for p in vae.parameters()))
+    stopped_early = False
+    t_start = time.perf_counter()
+    while st.epoch < config.epochs:
+        if config.patience and st.epochs_since_best >= config.patience:
+            stopped_early = True
+            break
+        epoch = st.epoch  # 0-based index of the epoch now running
+        t0 = time.perf_counter()
+        shard = D.epoch_shard(len(x_train), config.seed, epoch, ctx)
+        steps = -(-len(shard) // per_rank_batch)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+                   disable=not (progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
+        with bar:
+            sums = train_one_epoch(model, vae, opt, x_train, shard, per_rank_batch, config, epoch,
+                                   noise_generator(config.seed, epoch, ctx.rank, device), bar)
+        sums = {k: D.all_reduce_sum(v, ctx) for k, v in sums.items()}
+        train_seconds = time.perf_counter() - t0
+        val = validate(vae, x_val, config, ctx)
+        n = float(sums["n"])
+        row = {"epoch": epoch + 1,
+               "train_neg_elbo": float(sums["kl"] - sums["log_lik"]) / n,
+               "train_recon_nll": -float(sums["log_lik"]) / n, "train_kl": float(sums["kl"]) / n,
+               "val_neg_elbo": val["neg_elbo"], "val_recon_nll": -val["recon_log_lik"], "val_kl": val["kl"],
+               "val_kl_per_dim": val["kl_per_dim"], "val_active_units": val["active_units"],
+               "kl_weight": kl_weight(config, epoch, steps - 1, steps), "lr": opt.param_groups[0]["lr"],
+               "examples_per_s": n / train_seconds, "seconds": time.perf_counter() - t0}
+        if not (math.isfinite(row["train_neg_elbo"]) and math.isfinite(row["val_neg_elbo"])):
+            raise TrainingDiverged(f"epoch {epoch + 1}: -ELBO is not finite (train {row['train_neg_elbo']}, "
+                                   f"val {row['val_neg_elbo']}); lower --lr or set --grad-clip")
+        st.epoch = epoch + 1
+        improved = row["val_neg_elbo"] < st.best_val_neg_elbo
+        if improved:
+            st.best_val_neg_elbo, st.best_epoch, st.epochs_since_best = row["val_neg_elbo"], st.epoch, 0
+        else:
+            st.epochs_since_best += 1
+        st.history.append(row)
+        if ctx.is_main:
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            ckpt = checkpoint_state(vae, opt, config, splits, st, ctx)
+            if improved:
+                save_checkpoint(out / "best.pt", ckpt)
+            save_checkpoint(ckpt_path, ckpt)
+        logger.info("epoch %d/%d  train -ELBO %.3f  val -ELBO %.3f (recon %.3f, KL %.3f, active %d/%d)  "
+                    "kl-weight %.3g  lr %.3g  %.0f ex/s  %.2fs%s", st.epoch, config.epochs,
+                    row["train_neg_elbo"], row["val_neg_elbo"], row["val_recon_nll"], row["val_kl"],
+                    row["val_active_units"], config.latent_dim, row["kl_weight"], row["lr"],
+                    row["examples_per_s"], row["seconds"], "  *best" if improved else "")
+    D.barrier(ctx)  # every rank has finished its last checkpoint-visible step
+    summary = _summary(config, splits, st, stopped_early, ctx, per_rank_batch, time.perf_counter() - t_start)
+    if ctx.is_main:
+        _finish(out, summary, splits, device)
+    return summary
+
+
+def _resumed_config(saved: TrainConfig, given: TrainConfig, explicit: frozenset[str], path: Path) -> TrainConfig:
+    """The checkpoint's config, with the few flags that may change on resume taken from the command line."""
+    d = saved.to_dict()
+    g = given.to_dict()
+    for name in sorted(explicit):
+        if name in RESUME_OVERRIDABLE:
+            d[name] = g[name]
+        elif name in d and d[name] != g[name]:
+            raise ConfigError(f"--resume: {path} was trained with {name}={d[name]!r}, the command line says "
+                              f"{g[name]!r}; only {', '.join(RESUME_OVERRIDABLE)} may change on resume")
+    return TrainConfig.from_dict(d)
+
+
+def _summary(config: TrainConfig, splits: DataSplits, st: RunState, stopped_early: bool, ctx: D.DistContext,
+             per_rank_batch: int, seconds: float) -> dict[str, Any]:
+    last = st.history[-1] if st.history else {}
+    return {"best_epoch": st.best_epoch, "best_val_neg_elbo": st.best_val_neg_elbo,
+            "epochs_completed": st.epoch, "stopped_early": stopped_early,
+            "final": {k: v for k, v in last.items() if k not in TIMING_KEYS},
+            "data": {"source": splits.source, "train": len(splits.train), "val": len(splits.val),
+                     "test": len(splits.test), "example_shape": list(splits.example_shape),
+                     "normalization": splits.normalization.kind},
+            "world_size": ctx.world_size, "per_rank_batch_size": per_rank_batch,
+            "global_batch_size": per_rank_batch * ctx.world_size, "seconds_this_session": seconds,
+            "config": config.to_dict()}
+
+
+def _finish(out: Path, summary: dict[str, Any], splits: DataSplits, device: torch.device) -> None:
+    """summary.json and the figures, from the best checkpoint."""
+    from training import figures
+    from training.checkpoint import model_from_checkpoint
+
+    previous = out / "summary.json"
+    if previous.is_file():  # keep an earlier evaluation's "test" block only if it is about this model
+        old = json.loads(previous.read_text())
+        if "test" in old and old.get("best_epoch") == summary["best_epoch"]:
+            summary["test"] = old["test"]
+    _write_json(previous, summary)
+    best = model_from_checkpoint(load_checkpoint(out / "best.pt"), out / "best.pt")
+    figures.write_all(out, best, splits, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+                                          if x.strip()], seed=summary["config"]["seed"])
+    logger.info("best val -ELBO %.3f at epoch %d; run directory %s", summary["best_val_neg_elbo"],
+                summary["best_epoch"], out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The one parser; with `suppress_defaults`, only flags given on the command line appear."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                argument_default=argparse.SUPPRESS if suppress_defaults else None)
+
+    def add(flag: str, default: Any, help: str, **kw: Any) -> None:
+        if not suppress_defaults:
+            kw["default"] = default
+        p.add_argument(flag, help=help, **kw)
+
+    add("--data", d.data, "digits | mnist:DIR | npy:FILE | images:DIR")
+    add("--arch", d.arch, "encoder/decoder architecture", choices=["mlp", "conv"])
+    add("--latent-dim", d.latent_dim, "latent dimensions d", type=int)
+    add("--hidden", list(d.hidden), "hidden layer sizes (mlp; conv uses the first)", type=int, nargs="+")
+    add("--conv-channels", list(d.conv_channels), "conv channels, one halving of H, W each", type=int, nargs="+")
+    add("--likelihood", d.likelihood, "decoder P(x|z)", choices=["bernoulli", "gaussian"])
+    add("--learn-variance", d.learn_variance, "Gaussian: learn a per-dimension variance",
+        action=argparse.BooleanOptionalAction)
+    add("--image-size", d.image_size, "images:DIR are resized to this square size", type=int)
+    add("--binarize", d.binarize, "Bernoulli: dynamic binarisation of training batches",
+        action=argparse.BooleanOptionalAction)
+    add("--rescale", d.rescale, "Bernoulli: min-max scale float data outside [0, 1] (fitted on train)",
+        action=argparse.BooleanOptionalAction)
+    add("--epochs", d.epochs, "maximum number of epochs", type=int)
+    add("--batch-size", d.batch_size, "GLOBAL batch size (split evenly over torchrun ranks)", type=int)
+    add("--lr", d.lr, "Adam learning rate", type=float)
+    add("--weight-decay", d.weight_decay, "Adam weight decay", type=float)
+    add("--beta", d.beta, "weight of the KL term (beta-VAE)", type=float)
+    add("--kl-warmup-epochs", d.kl_warmup_epochs, "ramp the KL weight linearly from 0 over this many epochs",
+        type=int)
+    add("--free-bits", d.free_bits, "per-dimension KL floor in nats (training objective only)", type=float)
+    add("--val-fraction", d.val_fraction, "fraction of examples for validation", type=float)
+    add("--test-fraction", d.test_fraction, "fraction of examples for test (unless the data has a test file)",
+        type=float)
+    add("--seed", d.seed, "seed of the split, initialisation, shuffling and noise", type=int)
+    add("--device", d.device, "training device", choices=["auto", "cpu", "cuda"])
+    add("--patience", d.patience, "stop after this many epochs without a better validation -ELBO (0: never)",
+        type=int)
+    add("--grad-clip", d.grad_clip, "clip the gradient norm to this (0: off)", type=float)
+    add("--iwae-k", d.iwae_k, "importance samples for evaluation's IWAE bound", type=int)
+    add("--out", "runs/latest", "run directory (written by rank 0 only)", type=Path)
+    add("--resume", False, "continue from OUT/checkpoint.pt if it exists", action="store_true")
+    add("--progress", True, "show a progress bar per epoch", action=argparse.BooleanOptionalAction)
+    add("--dist-timeout-s", 300.0, "timeout of every collective under torchrun, so a dead rank fails the job "
+        "instead of hanging it", type=float)
+    add("--log-level", "INFO", "logging level")
+    return p
+
+
+RUNTIME_FLAGS = ("out", "resume", "progress", "dist_timeout_s", "log_level")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
+    return TrainConfig(**values)
+
+
+@record  # under torchrun, a failing rank's traceback is reported in the job's error summary
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = frozenset(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=args.log_level if rank == 0 else "WARNING",
+                        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        fit(config, args.out, resume=args.resume, progress=args.progress, dist_timeout_s=args.dist_timeout_s,
+            explicit=explicit)
+    except (ConfigError, DataError, CheckpointError) as e:
+        logger.error("%s", e)
+        return 2
+    except TrainingDiverged as e:
+        logger.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
