@@ -30,8 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from serving.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, model_version, sha256_file,
-                              verify_model_dir)
+from serving.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    Manifest,
+    model_version,
+    sha256_file,
+    verify_model_dir,
+)
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.config import TrainConfig
 from training.model import VAE, DecoderGraph, EncoderGraph
@@ -103,7 +109,7 @@ def _real_examples(config: TrainConfig, n: int) -> np.ndarray | None:
     try:
         from training.data import load_data  # the data module pulls in sklearn/PIL: import lazily
         splits = load_data(config)
-    except Exception as e:  # the data may live on another machine: random inputs still gate the export
+    except Exception as e:  # noqa: BLE001  # the data may live on another machine: random inputs still gate the export
         logger.warning("parity: cannot load the run's data %r (%s); checking random inputs only",
                        config.data, e)
         return None
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     parity = manifest.raw["parity"]
     print(f"exported {manifest.name} version {manifest.version} to {cfg.out}/")
-    for role, entry in manifest.files.items():
+    for entry in manifest.files.values():
         print(f"  {entry.path}: {entry.bytes:,} bytes, sha256 {entry.sha256[:16]}...")
     print(f"  parity (ORT CPU vs PyTorch, batch sizes {parity['batch_sizes']}, tolerance {parity['tolerance']:g}, "
           f"real examples: {parity['real_examples']}):")

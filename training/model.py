@@ -16,6 +16,7 @@ Shapes: x is (B, *example_shape) in model space (see `training.data.Normalizatio
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ def log_likelihood(x: Tensor, dec: DecoderOutput, likelihood: str) -> Tensor:
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-2], sizes[1:-1]):
+    for a, b in itertools.pairwise(sizes[:-1]):  # hidden layers; the last Linear has no ReLU
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(sizes[-2], sizes[-1]))
     return nn.Sequential(*layers)
@@ -204,7 +205,7 @@ def _conv_pair(config: TrainConfig, shape: tuple[int, ...]) -> tuple[nn.Module, 
     hh, ww = h // 2 ** n, w // 2 ** n
     chans = [c, *config.conv_channels]
     enc: list[nn.Module] = []
-    for a, b in zip(chans[:-1], chans[1:]):
+    for a, b in itertools.pairwise(chans):
         enc += [nn.Conv2d(a, b, kernel_size=4, stride=2, padding=1), nn.ReLU()]
     flat = chans[-1] * hh * ww
     enc += [nn.Flatten(1), nn.Linear(flat, config.hidden[0]), nn.ReLU(),
@@ -213,7 +214,7 @@ def _conv_pair(config: TrainConfig, shape: tuple[int, ...]) -> tuple[nn.Module, 
                             nn.Linear(config.hidden[0], flat), nn.ReLU(),
                             nn.Unflatten(1, (chans[-1], hh, ww))]
     rev = list(reversed(chans))
-    for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(rev)):
         dec.append(nn.ConvTranspose2d(a, b, kernel_size=4, stride=2, padding=1))
         if i < len(rev) - 2:
             dec.append(nn.ReLU())

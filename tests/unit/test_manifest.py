@@ -9,15 +9,22 @@ from typing import Any
 
 import pytest
 
-from serving.manifest import (ChecksumMismatch, ManifestError, Manifest, load_manifest, model_version,
-                              sha256_file, verify_model_dir)
+from serving.manifest import (
+    ChecksumMismatch,
+    Manifest,
+    ManifestError,
+    load_manifest,
+    model_version,
+    sha256_file,
+    verify_model_dir,
+)
 
 
 def _manifest(tmp_path: Path) -> dict[str, Any]:
     (tmp_path / "encoder.onnx").write_bytes(b"enc")
     (tmp_path / "decoder.onnx").write_bytes(b"dec")
     enc, dec = sha256_file(tmp_path / "encoder.onnx"), sha256_file(tmp_path / "decoder.onnx")
-    spec = lambda n, *s: {"name": n, "dtype": "float32", "shape": [-1, *s]}  # noqa: E731
+    spec = lambda n, *s: {"name": n, "dtype": "float32", "shape": [-1, *s]}
     d = {"schema_version": 1, "name": "m", "version": model_version(enc, dec), "example_shape": [4],
          "latent_dim": 2, "likelihood": "bernoulli", "normalization": {"kind": "scale", "offset": 0.0,
                                                                         "scale": [1.0, 2.0, 3.0, 4.0]},
