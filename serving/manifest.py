@@ -53,7 +53,7 @@ class TensorSpec:
     shape: tuple[int, ...]  # -1 marks the dynamic batch dimension
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str) -> "TensorSpec":
+    def from_dict(cls, d: dict[str, Any], where: str) -> TensorSpec:
         try:
             return cls(name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(int(s) for s in d["shape"]))
         except (KeyError, TypeError, ValueError) as e:
@@ -100,7 +100,7 @@ class Manifest:
         return math.prod(self.example_shape)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
         if d.get("schema_version") != SCHEMA_VERSION:
             raise ManifestError(f"schema_version: expected {SCHEMA_VERSION}, got {d.get('schema_version')!r}")
         try:

@@ -1,0 +1,123 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("x",)
+    X_FIELD_NUMBER: _ClassVar[int]
+    x: Tensor
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("mu", "var")
+    MU_FIELD_NUMBER: _ClassVar[int]
+    VAR_FIELD_NUMBER: _ClassVar[int]
+    mu: Tensor
+    var: Tensor
+    def __init__(self, mu: _Optional[_Union[Tensor, _Mapping]] = ..., var: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SampleRequest(_message.Message):
+    __slots__ = ("count", "seed", "temperature", "return_z")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_Z_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    seed: int
+    temperature: float
+    return_z: bool
+    def __init__(self, count: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_z: _Optional[bool] = ...) -> None: ...
+
+class SampleResponse(_message.Message):
+    __slots__ = ("x", "z", "seed")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Z_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    x: Tensor
+    z: Tensor
+    seed: int
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ReconstructRequest(_message.Message):
+    __slots__ = ("x", "use_mean", "seed")
+    X_FIELD_NUMBER: _ClassVar[int]
+    USE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    x: Tensor
+    use_mean: bool
+    seed: int
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., use_mean: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ReconstructResponse(_message.Message):
+    __slots__ = ("x_hat", "recon_log_lik", "kl", "seed")
+    X_HAT_FIELD_NUMBER: _ClassVar[int]
+    RECON_LOG_LIK_FIELD_NUMBER: _ClassVar[int]
+    KL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    x_hat: Tensor
+    recon_log_lik: Tensor
+    kl: Tensor
+    seed: int
+    def __init__(self, x_hat: _Optional[_Union[Tensor, _Mapping]] = ..., recon_log_lik: _Optional[_Union[Tensor, _Mapping]] = ..., kl: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("z",)
+    Z_FIELD_NUMBER: _ClassVar[int]
+    z: Tensor
+    def __init__(self, z: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class DecodeResponse(_message.Message):
+    __slots__ = ("x",)
+    X_FIELD_NUMBER: _ClassVar[int]
+    x: Tensor
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetModelInfoResponse(_message.Message):
+    __slots__ = ("name", "version", "example_shape", "latent_dim", "likelihood", "learned_variance", "normalization_kind", "normalization_offset", "normalization_scale", "providers", "max_batch_size", "max_queue_delay_us", "max_queue_rows", "max_sample_count", "manifest_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    LATENT_DIM_FIELD_NUMBER: _ClassVar[int]
+    LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_KIND_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_SCALE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    example_shape: _containers.RepeatedScalarFieldContainer[int]
+    latent_dim: int
+    likelihood: str
+    learned_variance: bool
+    normalization_kind: str
+    normalization_offset: _containers.RepeatedScalarFieldContainer[float]
+    normalization_scale: _containers.RepeatedScalarFieldContainer[float]
+    providers: _containers.RepeatedScalarFieldContainer[str]
+    max_batch_size: int
+    max_queue_delay_us: int
+    max_queue_rows: int
+    max_sample_count: int
+    manifest_json: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., example_shape: _Optional[_Iterable[int]] = ..., latent_dim: _Optional[int] = ..., likelihood: _Optional[str] = ..., learned_variance: _Optional[bool] = ..., normalization_kind: _Optional[str] = ..., normalization_offset: _Optional[_Iterable[float]] = ..., normalization_scale: _Optional[_Iterable[float]] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_rows: _Optional[int] = ..., max_sample_count: _Optional[int] = ..., manifest_json: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,304 @@
+"""Dynamic batching, one `Batcher` per model, counting rows, not requests.
+
+    submit(x (n, ...)) --queue (deque of requests, bounded in rows)--> runner loop --> one ORT run per batch
+
+- Idle runner: a request is handed to the runner thread at the end of the current event-loop pass
+  (`call_soon`, microseconds; no timer), together with any others that became ready in that pass;
+  batching adds no latency at low load.
+- Busy runner: arrivals accumulate in the queue while ONNX Runtime runs in the runner thread (it
+  releases the GIL, so the event loop keeps receiving). When the run ends, everything queued (up to
+  `max_batch_size` rows) becomes the next batch. If that batch is not full, the loop yields to the event
+  loop while new requests keep arriving, for at most `max_queue_delay_us` counted from the oldest
+  queued request's arrival (asyncio timers are millisecond-grained, so it yields rather than sleeps).
+- A request larger than `max_batch_size` rows is split across consecutive batches and reassembled in
+  order; a batch may end with the head of one request and start with the tail of another.
+- Back-pressure: more than `max_queue_rows` queued rows -> QueueFull at once, nothing queued.
+- A request whose deadline passed or whose caller went away (cancelled future) while it queued is
+  dropped when its turn comes, never computed.
+
+The runner is anything with `name` and `run(x) -> list[np.ndarray]` (`serving.runtime.OrtRunner`, or a
+fake in tests); `run` executes on one dedicated thread per batcher, never on the event loop. The thread
+hands each finished batch back through a pipe the event loop watches (`add_reader`); the loop then
+delivers the results and dispatches the next batch right away, so there is no per-batch task, future
+chain or executor. (A pipe rather than `call_soon_threadsafe`: under uvloop the latter lost wake-ups
+here and left requests queued for seconds.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from typing import Protocol
+
+import numpy as np
+
+from serving.errors import DeadlineExpired, QueueFull, ShuttingDown
+from serving.metrics import ModelMetrics
+
+logger = logging.getLogger(__name__)
+
+Outputs = list[np.ndarray]
+
+
+class Runner(Protocol):
+    """What the batcher runs: one input of shape (B, ...) -> outputs of shape (B, ...) each."""
+
+    name: str
+
+    def run(self, x: np.ndarray) -> Outputs: ...
+
+
+class _Request:
+    """One submitted request; `taken` rows of it have gone into batches so far."""
+
+    __slots__ = ("deadline", "fut", "n", "parts", "t_enqueue", "taken", "x")
+
+    def __init__(self, x: np.ndarray, fut: asyncio.Future[Outputs], deadline: float | None,
+                 t_enqueue: float) -> None:
+        self.x = x
+        self.fut = fut
+        self.n: int = x.shape[0]
+        self.taken = 0
+        self.deadline = deadline
+        self.t_enqueue = t_enqueue
+        self.parts: list[Outputs] | None = None  # only for requests split across batches
+
+
+# (request, first row, row count): a slice of one request inside a batch.
+_Slice = tuple[_Request, int, int]
+
+
+class Batcher:
+    """Merges concurrent requests for one model into ONNX Runtime runs of up to `max_batch_size` rows.
+
+    Everything but `Runner.run` happens on the event loop thread; `start` binds the batcher to the
+    running loop.
+    """
+
+    def __init__(self, runner: Runner, *, max_batch_size: int, max_queue_delay_us: int,
+                 max_queue_rows: int, metrics: ModelMetrics | None = None) -> None:
+        if max_batch_size < 1 or max_queue_rows < 1 or max_queue_delay_us < 0:
+            raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_queue_delay_us >= 0")
+        self.runner = runner
+        self.name = runner.name
+        self.max_batch_size = max_batch_size
+        self.max_queue_rows = max_queue_rows
+        self._delay_s = max_queue_delay_us * 1e-6
+        self._m = metrics
+        self._queue: deque[_Request] = deque()
+        self._queued_rows = 0
+        self._arrivals = 0  # total submitted, to tell whether requests are still arriving
+        self._busy = False  # a batch is on the runner thread (or about to be dispatched)
+        self._jobs: queue.SimpleQueue[tuple[list[_Slice], int] | None] = queue.SimpleQueue()
+        self._results: deque[tuple[list[_Slice], int, Outputs | BaseException, float]] = deque()
+        self._wake_r, self._wake_w = -1, -1
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.Event | None = None
+        self._closed = False
+        if metrics is not None:  # read when /metrics is scraped: no per-request cost
+            metrics.queue_rows.set_function(lambda: self._queued_rows)
+            metrics.queue_requests.set_function(lambda: len(self._queue))
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def start(self) -> None:
+        """Bind to the running event loop and start the runner thread."""
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._loop.add_reader(self._wake_r, self._on_wake)
+        self._thread = threading.Thread(target=self._runner_thread, name=f"runner-{self.name}", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Stop taking work; let a run in progress finish; fail anything still queued with ShuttingDown."""
+        self._closed = True
+        while self._queue:
+            req = self._queue.popleft()
+            if not req.fut.done():
+                req.fut.set_exception(ShuttingDown("the server is shutting down"))
+        self._queued_rows = 0
+        if self._idle is not None:
+            await self._idle.wait()
+        self._jobs.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if self._loop is not None and self._wake_r >= 0:
+            self._loop.remove_reader(self._wake_r)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    async def submit(self, x: np.ndarray, deadline: float | None = None) -> Outputs:
+        """Queue x (n, ...) and wait for its outputs, each (n, ...), in the runner's output order.
+
+        `deadline` is in the event loop's clock (`loop.time()`); a request still queued at its
+        deadline is dropped with DeadlineExpired.
+        """
+        n = x.shape[0]
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        if self._queued_rows + n > self.max_queue_rows:
+            if self._m is not None:
+                self._m.rejected["queue_full"].inc()
+            raise QueueFull(f"{self.name} queue: {self._queued_rows} rows queued, {n} more would exceed "
+                            f"--max-queue-rows {self.max_queue_rows}; retry later")
+        loop = self._loop
+        assert loop is not None, "Batcher.start() was not called"
+        fut: asyncio.Future[Outputs] = loop.create_future()
+        self._queue.append(_Request(x, fut, deadline, loop.time()))
+        self._queued_rows += n
+        self._arrivals += 1
+        if not self._busy:
+            # Idle runner: this request starts at the end of the current event-loop pass (microseconds),
+            # so requests that became ready in the same pass share its run.
+            self._busy = True
+            loop.call_soon(self._dispatch)
+        return await fut
+
+    # -- event loop side -------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Take the next batch from the queue and hand it to the runner thread (or go idle)."""
+        assert self._loop is not None and self._idle is not None
+        batch, rows = self._take(self._loop.time())
+        if batch:
+            self._busy = True
+            self._idle.clear()
+            self._jobs.put((batch, rows))
+        else:
+            self._busy = False
+            self._idle.set()
+
+    def _gather_then_dispatch(self, arrivals: int) -> None:
+        """Yield one event-loop pass at a time while requests keep arriving, within the queue delay."""
+        assert self._loop is not None
+        q = self._queue
+        if (q and self._queued_rows < self.max_batch_size and self._arrivals != arrivals
+                and self._loop.time() - q[0].t_enqueue < self._delay_s):
+            self._loop.call_soon(self._gather_then_dispatch, self._arrivals)
+        else:
+            self._dispatch()
+
+    def _on_wake(self) -> None:
+        """The runner thread finished a batch: drain the pipe, then handle the results."""
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        while self._results:
+            self._finished(*self._results.popleft())
+
+    def _finished(self, batch: list[_Slice], rows: int, outs: Outputs | BaseException, dt: float) -> None:
+        """Back on the event loop after a run: deliver results, then start the next batch at once."""
+        if isinstance(outs, BaseException):
+            logger.error("%s: run of %d rows failed", self.name, rows, exc_info=outs)
+            for req, _, _ in batch:
+                if not req.fut.done():
+                    req.fut.set_exception(outs)
+        else:
+            if self._m is not None:
+                self._m.compute.observe(dt)
+                self._m.batch_size.observe(rows)
+                self._m.rows.inc(rows)
+                self._m.batches.inc()
+            self._deliver(batch, outs)
+        q = self._queue
+        if q and self._delay_s > 0 and self._queued_rows < self.max_batch_size:
+            # A partial batch: requests answered just now are likely to send their next one; let
+            # whatever is already arriving join, for one event-loop pass at a time.
+            assert self._loop is not None
+            self._loop.call_soon(self._gather_then_dispatch, -1)
+        else:
+            self._dispatch()
+
+    def _take(self, now: float) -> tuple[list[_Slice], int]:
+        """Pop up to max_batch_size rows from the queue head, dropping expired and cancelled requests."""
+        batch: list[_Slice] = []
+        rows = 0
+        q, m = self._queue, self._m
+        while q and rows < self.max_batch_size:
+            req = q[0]
+            expired = req.deadline is not None and now >= req.deadline
+            if expired or req.fut.done():
+                q.popleft()
+                self._queued_rows -= req.n - req.taken
+                if not req.fut.done():
+                    req.fut.set_exception(DeadlineExpired(
+                        f"{self.name}: the deadline passed after {1e3 * (now - req.t_enqueue):.1f} ms in "
+                        f"the queue; not computed"))
+                if m is not None and req.taken == 0:
+                    m.rejected["deadline" if expired else "cancelled"].inc()
+                continue
+            if req.taken == 0 and m is not None:
+                m.queue_wait.observe(now - req.t_enqueue)
+            count = min(req.n - req.taken, self.max_batch_size - rows)
+            batch.append((req, req.taken, count))
+            req.taken += count
+            rows += count
+            self._queued_rows -= count
+            if req.taken == req.n:
+                q.popleft()
+        return batch, rows
+
+    def _deliver(self, batch: list[_Slice], outs: Outputs) -> None:
+        """Hand each request its rows (views into the batch outputs); reassemble split requests."""
+        offset = 0
+        for req, start, count in batch:
+            end = offset + count
+            if not req.fut.done():
+                part = [o[offset:end] for o in outs]
+                if start == 0 and count == req.n:
+                    req.fut.set_result(part)
+                else:
+                    if req.parts is None:
+                        req.parts = []
+                    req.parts.append(part)
+                    if start + count == req.n:
+                        req.fut.set_result([np.concatenate([p[k] for p in req.parts])
+                                            for k in range(len(outs))])
+                        req.parts = None
+            offset = end
+
+    # -- runner thread ---------------------------------------------------------------------------
+
+    def _runner_thread(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            batch, rows = job
+            try:
+                outs, dt = self._compute(batch, rows)
+                result: Outputs | BaseException = outs
+            except Exception as e:  # noqa: BLE001  # the run failed: every request in this batch fails with it
+                result, dt = e, 0.0
+            self._results.append((batch, rows, result, dt))  # deque.append: thread-safe
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:  # the pipe is closed: nobody is waiting any more
+                return
+
+    def _compute(self, batch: list[_Slice], rows: int) -> tuple[Outputs, float]:
+        """Runs on the runner thread: assemble the batch input (B, ...) and run the model once."""
+        if len(batch) == 1 and batch[0][1] == 0 and batch[0][2] == batch[0][0].n:
+            x = batch[0][0].x  # one whole request: no copy
+        else:
+            x = np.concatenate([req.x[start:start + count] for req, start, count in batch])
+        t0 = time.perf_counter()
+        outs = self.runner.run(x)
+        dt = time.perf_counter() - t0
+        for o in outs:
+            if o.shape[0] != rows:
+                raise RuntimeError(f"{self.name}: runner returned {o.shape[0]} rows for {rows}")
+        return outs, dt

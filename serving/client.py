@@ -1,0 +1,261 @@
+"""A typed numpy client for vae.v1.VaeService, and its CLI.
+
+    python -m serving.client --target localhost:50051 info
+    python -m serving.client --target localhost:50051 encode --input x.npy [--output enc.npz]
+    python -m serving.client --target localhost:50051 sample --count 64 --seed 0 --png samples.png
+    python -m serving.client --target localhost:50051 reconstruct --input x.npy --png recon.png
+    python -m serving.client --target localhost:50051 decode --input z.npy [--png decoded.png]
+
+Arrays are in model space (see the manifest's `normalization`). PNG grids need Pillow; no torch and no
+matplotlib here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import grpc
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+
+from serving._proto.vae.v1 import vae_service_pb2 as pb
+from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
+
+F32 = np.dtype("<f4")
+
+
+def to_tensor(a: np.ndarray) -> pb.Tensor:
+    """numpy array (any shape) -> Tensor of little-endian float32 bytes."""
+    a = np.ascontiguousarray(a, dtype=F32)
+    return pb.Tensor(shape=a.shape, data=a.tobytes())
+
+
+def from_tensor(t: pb.Tensor) -> np.ndarray:
+    """Tensor -> float32 numpy array (read-only view of the message bytes)."""
+    return np.frombuffer(t.data, dtype=F32).reshape(tuple(t.shape))
+
+
+@dataclass(frozen=True)
+class Sampled:
+    x: np.ndarray          # (count, *example_shape)
+    z: np.ndarray | None   # (count, d) when asked for
+    seed: int
+
+
+@dataclass(frozen=True)
+class Reconstructed:
+    x_hat: np.ndarray          # (N, *example_shape)
+    recon_log_lik: np.ndarray  # (N,)
+    kl: np.ndarray             # (N,)
+    seed: int
+
+    @property
+    def neg_elbo(self) -> np.ndarray:
+        """-ELBO per example: an anomaly score (higher = less like the training data)."""
+        return self.kl - self.recon_log_lik
+
+
+class VaeClient:
+    """Blocking client; every call takes an optional timeout in seconds (a gRPC deadline)."""
+
+    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
+                        else grpc.insecure_channel(target, options))
+        self.stub = pb_grpc.VaeServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self) -> dict[str, Any]:
+        """Model facts: shapes, latent_dim, likelihood, version, providers, batching settings."""
+        resp = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+        d = MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        d.pop("manifest_json", None)
+        for k in ("latent_dim", "max_batch_size", "max_queue_delay_us", "max_queue_rows", "max_sample_count"):
+            d[k] = int(d[k])
+        d["example_shape"] = [int(s) for s in d["example_shape"]]
+        d["manifest"] = json.loads(resp.manifest_json) if resp.manifest_json else {}
+        return d
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x (N, *example_shape) -> mu (N, d), var (N, d)."""
+        r = self.stub.Encode(pb.EncodeRequest(x=to_tensor(x)), timeout=self.timeout_s)
+        return from_tensor(r.mu), from_tensor(r.var)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """z (N, d) -> x_mean (N, *example_shape)."""
+        return from_tensor(self.stub.Decode(pb.DecodeRequest(z=to_tensor(z)), timeout=self.timeout_s).x)
+
+    def sample(self, count: int, seed: int | None = None, temperature: float | None = None,
+               return_z: bool = False) -> Sampled:
+        """count samples of x from z ~ N(0, temperature^2 I); the same seed gives the same samples."""
+        req = pb.SampleRequest(count=count, seed=seed, temperature=temperature, return_z=return_z)
+        r = self.stub.Sample(req, timeout=self.timeout_s)
+        return Sampled(x=from_tensor(r.x), z=from_tensor(r.z) if return_z else None, seed=r.seed)
+
+    def reconstruct(self, x: np.ndarray, use_mean: bool = True, seed: int | None = None) -> Reconstructed:
+        """x (N, *example_shape) -> x_hat and per-example ELBO terms."""
+        req = pb.ReconstructRequest(x=to_tensor(x), use_mean=use_mean, seed=seed)
+        r = self.stub.Reconstruct(req, timeout=self.timeout_s)
+        return Reconstructed(x_hat=from_tensor(r.x_hat), recon_log_lik=from_tensor(r.recon_log_lik),
+                             kl=from_tensor(r.kl), seed=r.seed)
+
+
+# -- PNG grids ------------------------------------------------------------------------------------
+
+def image_layout(example_shape: Sequence[int]) -> tuple[int, int, int] | None:
+    """(C, H, W) to draw examples as images, or None when they are not images."""
+    s = tuple(example_shape)
+    if len(s) == 3 and s[0] in (1, 3):
+        return s[0], s[1], s[2]
+    if len(s) == 2:
+        return 1, s[0], s[1]
+    if len(s) == 1 and math.isqrt(s[0]) ** 2 == s[0]:  # flattened square images (digits: 64 = 8x8)
+        return 1, math.isqrt(s[0]), math.isqrt(s[0])
+    return None
+
+
+def to_raw(x: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
+    """Model space -> raw data space: x_raw = x_model * scale + offset."""
+    n = x.shape[0]
+    scale = np.asarray(normalization.get("scale", 1.0), dtype=np.float64)
+    offset = np.asarray(normalization.get("offset", 0.0), dtype=np.float64)
+    return (x.reshape(n, -1) * scale + offset).reshape(x.shape)
+
+
+def save_grid(x: np.ndarray, example_shape: Sequence[int], path: Path, ncols: int | None = None,
+              upscale: int = 4) -> None:
+    """Write examples x (N, *example_shape) as a PNG grid, each image min-max scaled to 0..255."""
+    from PIL import Image  # only the CLI needs Pillow
+
+    layout = image_layout(example_shape)
+    if layout is None:
+        raise ValueError(f"examples of shape {tuple(example_shape)} are not images")
+    c, h, w = layout
+    n = x.shape[0]
+    ncols = ncols or max(1, math.ceil(math.sqrt(n)))
+    nrows = math.ceil(n / ncols)
+    imgs = x.reshape(n, c, h, w).astype(np.float64)
+    lo, hi = imgs.min(), imgs.max()
+    imgs = (imgs - lo) / (hi - lo) if hi > lo else np.zeros_like(imgs)
+    grid = np.ones((c, nrows * (h + 1) + 1, ncols * (w + 1) + 1))
+    for i in range(n):
+        r, k = divmod(i, ncols)
+        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = imgs[i]
+    pixels = (grid * 255).round().astype(np.uint8).transpose(1, 2, 0)
+    img = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels)
+    img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="localhost:50051", help="server host:port (default %(default)s)")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="deadline per call (default %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print the model facts as JSON")
+    e = sub.add_parser("encode", help="encode examples from a .npy file (N, *example_shape)")
+    e.add_argument("--input", type=Path, required=True, help=".npy of examples in model space")
+    e.add_argument("--output", type=Path, help="write mu and var to this .npz")
+    s = sub.add_parser("sample", help="draw samples; write a PNG grid for image models")
+    s.add_argument("--count", type=int, default=64, help="how many (default %(default)s)")
+    s.add_argument("--seed", type=int, help="seed (default: the server picks one and returns it)")
+    s.add_argument("--temperature", type=float, default=1.0, help="z scale (default %(default)s)")
+    s.add_argument("--png", type=Path, help="write the samples as a PNG grid here")
+    s.add_argument("--output", type=Path, help="write the samples to this .npy")
+    r = sub.add_parser("reconstruct", help="reconstruct examples; PNG of inputs over reconstructions")
+    r.add_argument("--input", type=Path, required=True, help=".npy of examples in model space")
+    r.add_argument("--sample-z", action="store_true", help="decode a sampled z instead of z = mu")
+    r.add_argument("--seed", type=int, help="seed of the sampled z")
+    r.add_argument("--png", type=Path, help="write inputs (top rows) and reconstructions (bottom) here")
+    d = sub.add_parser("decode", help="decode latent vectors from a .npy file (N, d)")
+    d.add_argument("--input", type=Path, required=True,
+                   help=".npy of z (N, latent_dim), or an .npz from `encode --output` (decodes its mu)")
+    d.add_argument("--png", type=Path, help="write the decoded examples as a PNG grid here")
+    return p
+
+
+def _load_z(path: Path) -> np.ndarray:
+    """z (N, d) from a .npy, or the `z` / `mu` array of an .npz (what `encode --output` writes)."""
+    data = np.load(path)
+    if isinstance(data, np.lib.npyio.NpzFile):
+        key = "z" if "z" in data.files else "mu"
+        if key not in data.files:
+            raise SystemExit(f"--input: expected an .npz with 'z' or 'mu', got keys {data.files}")
+        return np.asarray(data[key], dtype=F32)
+    return np.asarray(data, dtype=F32)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = sys.stdout
+    with VaeClient(args.target, timeout_s=args.timeout_s) as client:
+        try:
+            if args.command == "info":
+                out.write(json.dumps({k: v for k, v in client.info().items() if k != "manifest"}, indent=2) + "\n")
+            elif args.command == "encode":
+                mu, var = client.encode(np.load(args.input).astype(F32))
+                if args.output:
+                    np.savez(args.output, mu=mu, var=var)
+                out.write(json.dumps({"n": int(mu.shape[0]), "mu[0]": mu[0].round(4).tolist(),
+                                      "var[0]": var[0].round(4).tolist()}) + "\n")
+            elif args.command == "sample":
+                info = client.info()
+                s = client.sample(args.count, seed=args.seed, temperature=args.temperature)
+                if args.output:
+                    np.save(args.output, s.x)
+                if args.png:
+                    save_grid(to_raw(s.x, info["manifest"].get("normalization", {})), info["example_shape"],
+                              args.png)
+                out.write(json.dumps({"count": int(s.x.shape[0]), "seed": s.seed,
+                                      "png": str(args.png) if args.png else None}) + "\n")
+            elif args.command == "reconstruct":
+                info = client.info()
+                x = np.load(args.input).astype(F32)
+                rec = client.reconstruct(x, use_mean=not args.sample_z, seed=args.seed)
+                if args.png:
+                    norm = info["manifest"].get("normalization", {})
+                    n = x.shape[0]
+                    both = np.concatenate([to_raw(x, norm), to_raw(rec.x_hat, norm)])
+                    save_grid(both, info["example_shape"], args.png, ncols=min(n, 16) if n > 16 else n)
+                out.write(json.dumps({"n": int(x.shape[0]),
+                                      "recon_log_lik_mean": float(rec.recon_log_lik.mean()),
+                                      "kl_mean": float(rec.kl.mean()),
+                                      "neg_elbo": rec.neg_elbo.round(3).tolist()[:16],
+                                      "png": str(args.png) if args.png else None}) + "\n")
+            elif args.command == "decode":
+                info = client.info()
+                x = client.decode(_load_z(args.input))
+                if args.png:
+                    save_grid(to_raw(x, info["manifest"].get("normalization", {})), info["example_shape"],
+                              args.png)
+                out.write(json.dumps({"n": int(x.shape[0]), "png": str(args.png) if args.png else None}) + "\n")
+        except grpc.RpcError as e:
+            sys.stderr.write(f"{args.command}: {e.code().name}: {e.details()}\n")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

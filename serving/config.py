@@ -1,0 +1,133 @@
+"""Serving configuration: one frozen dataclass built from flags and `VAE_SERVE_*` environment variables.
+
+    python -m serving --model-dir exported/ --port 50051 --metrics-port 9090 --providers auto
+
+Every flag `--some-flag` is also the environment variable `VAE_SERVE_SOME_FLAG`; a flag given on the
+command line wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+PROVIDER_CHOICES: tuple[str, ...] = ("auto", "cuda", "cpu")
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ENV_PREFIX = "VAE_SERVE_"
+
+
+class ConfigError(ValueError):
+    """A serving setting is out of range; the message names the field (flag)."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `python -m serving` needs. Validated on construction."""
+
+    model_dir: Path = Path("exported")
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9090
+    providers: str = "auto"
+    intra_op_threads: int = 1
+    max_batch_size: int = 256
+    max_queue_delay_us: int = 500
+    max_queue_rows: int = 16384
+    max_sample_count: int = 4096
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_period_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    log_level: str = "INFO"
+    ready_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("port", 0 <= self.port <= 65535, "0 (any free port) .. 65535"),
+            ("metrics_port", -1 <= self.metrics_port <= 65535, "-1 (off), 0 (any free port) .. 65535"),
+            ("providers", self.providers in PROVIDER_CHOICES, f"one of {PROVIDER_CHOICES}"),
+            ("intra_op_threads", self.intra_op_threads >= 0, "an integer >= 0 (0 = ONNX Runtime default)"),
+            ("max_batch_size", self.max_batch_size >= 1, "an integer >= 1 (rows)"),
+            ("max_queue_delay_us", self.max_queue_delay_us >= 0, "an integer >= 0"),
+            ("max_queue_rows", self.max_queue_rows >= self.max_batch_size,
+             f"an integer >= max_batch_size ({self.max_batch_size})"),
+            ("max_sample_count", self.max_sample_count >= 1, "an integer >= 1"),
+            ("max_message_bytes", self.max_message_bytes >= 1024, "an integer >= 1024"),
+            ("grace_period_s", self.grace_period_s >= 0, "a number >= 0"),
+            ("log_level", self.log_level in LOG_LEVELS, f"one of {LOG_LEVELS}"),
+            ("tls_key", (self.tls_cert is None) == (self.tls_key is None),
+             "--tls-cert and --tls-key given together"),
+            ("tls_client_ca", self.tls_client_ca is None or self.tls_cert is not None,
+             "only with --tls-cert and --tls-key (mutual TLS needs server TLS)"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"{name.replace('_', '-')}: expected {expected}, got {getattr(self, name)!r}")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name.replace('_', '-')}: expected a readable file, got {str(path)!r}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  env: Mapping[str, str] | None = None) -> ServeConfig:
+        """Parse flags (argv) over `VAE_SERVE_*` variables (env, default os.environ) over defaults."""
+        args = build_parser(os.environ if env is None else env).parse_args(argv)
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def _env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _opt_path(s: str) -> Path | None:
+    return Path(s) if s else None
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The one parser of `python -m serving`; defaults come from `env` where set."""
+    d = ServeConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m serving", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve an exported VAE over gRPC on ONNX Runtime. Every flag is also an environment "
+                    "variable VAE_SERVE_<FLAG_IN_UPPER_SNAKE>.")
+
+    def add(flag: str, typ: type | object, help_: str, **kw: object) -> None:
+        name = flag.lstrip("-").replace("-", "_")
+        default = getattr(d, name)
+        raw = env.get(_env_name(name))
+        if raw is not None:
+            try:
+                default = typ(raw)  # type: ignore[operator]
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{_env_name(name)}: expected {getattr(typ, '__name__', typ)}, "
+                                  f"got {raw!r}") from e
+        p.add_argument(flag, type=typ, default=default, help=help_, **kw)  # type: ignore[arg-type]
+
+    add("--model-dir", Path, "exported model directory (model.json, encoder.onnx, decoder.onnx)")
+    add("--host", str, "address to bind for gRPC and metrics")
+    add("--port", int, "gRPC port; 0 = any free port (see --ready-file)")
+    add("--metrics-port", int, "Prometheus /metrics HTTP port; 0 = any free port, -1 = off")
+    add("--providers", str, "ONNX Runtime providers: auto (CUDA if it really works, else CPU), cuda, cpu",
+        choices=PROVIDER_CHOICES)
+    add("--intra-op-threads", int, "ONNX Runtime intra-op threads per session (0 = ORT default)")
+    add("--max-batch-size", int, "most rows in one ONNX Runtime run; larger requests are split")
+    add("--max-queue-delay-us", int, "longest a queued row waits for a batch to fill once the runner is free")
+    add("--max-queue-rows", int, "queued rows per model before RESOURCE_EXHAUSTED")
+    add("--max-sample-count", int, "largest Sample count")
+    add("--max-message-bytes", int, "largest gRPC message received or sent")
+    add("--grace-period-s", float, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    add("--tls-cert", _opt_path, "server certificate chain (PEM); enables TLS")
+    add("--tls-key", _opt_path, "server private key (PEM)")
+    add("--tls-client-ca", _opt_path, "CA bundle (PEM) for client certificates; enables mutual TLS")
+    add("--log-level", str.upper, "logging level", choices=LOG_LEVELS)
+    add("--ready-file", _opt_path, "write JSON {grpc_port, metrics_port, pid} here once SERVING")
+    return p

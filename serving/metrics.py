@@ -1,0 +1,88 @@
+"""Every Prometheus object of the server, in one place (namespace `vae`; see docs/ARCHITECTURE.md).
+
+Each server owns a `Metrics` on its own `CollectorRegistry`, so several servers can live in one process
+(tests). Label children are resolved once and cached: the per-request cost is a few lock-protected
+increments, no label lookups. Gauges of current state (queue depth, in-flight RPCs) cost nothing per
+request: they read plain counters when /metrics is scraped (`Gauge.set_function`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Request latency: 50 us .. 10 s, roughly x2 apart, so p99 can be aggregated across replicas.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 0.01, 0.02,
+    0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_BUCKETS: tuple[float, ...] = tuple(float(2 ** i) for i in range(11))  # 1, 2, 4, ..., 1024
+REJECTION_REASONS: tuple[str, ...] = ("queue_full", "deadline", "cancelled", "invalid")
+
+
+class ModelMetrics:
+    """The per-model children the batcher touches (labels already applied)."""
+
+    def __init__(self, m: Metrics, model: str) -> None:
+        self.queue_wait = m.queue_wait.labels(model)
+        self.compute = m.compute.labels(model)
+        self.batch_size = m.batch_size.labels(model)
+        self.queue_rows = m.queue_rows.labels(model)
+        self.queue_requests = m.queue_requests.labels(model)
+        self.rows = m.rows.labels(model)
+        self.batches = m.batches.labels(model)
+        self.rejected = {r: m.rejections.labels(model, r) for r in REJECTION_REASONS}
+
+
+class Metrics:
+    """All metric families of one server."""
+
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 models: Iterable[str] = ("encoder", "decoder")) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, ns = self.registry, "vae"
+        self.requests = Counter("requests_total", "RPCs answered, by method and gRPC status code",
+                                ("method", "code"), namespace=ns, registry=r)
+        self.request_duration = Histogram("request_duration_seconds", "RPC latency in the server",
+                                          ("method",), namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
+        self.queue_wait = Histogram("queue_wait_seconds", "time a request waited for its first batch",
+                                    ("model",), namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
+        self.compute = Histogram("compute_duration_seconds", "ONNX Runtime run time per batch",
+                                 ("model",), namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
+        self.batch_size = Histogram("batch_size_rows", "rows in each ONNX Runtime run", ("model",),
+                                    namespace=ns, registry=r, buckets=BATCH_BUCKETS)
+        self.queue_rows = Gauge("queue_rows", "rows waiting in the queue", ("model",), namespace=ns,
+                                registry=r)
+        self.queue_requests = Gauge("queue_requests", "requests waiting in the queue", ("model",),
+                                    namespace=ns, registry=r)
+        self.inflight = Gauge("inflight_requests", "RPCs being handled", ("method",), namespace=ns,
+                              registry=r)
+        self.rows = Counter("rows_total", "rows computed", ("model",), namespace=ns, registry=r)
+        self.batches = Counter("batches_total", "ONNX Runtime runs", ("model",), namespace=ns, registry=r)
+        self.rejections = Counter("rejections_total", "requests refused or dropped before compute",
+                                  ("model", "reason"), namespace=ns, registry=r)
+        self.model_info = Gauge("model_info", "the model being served (value 1)",
+                                ("name", "version", "providers"), namespace=ns, registry=r)
+        self.models = {name: ModelMetrics(self, name) for name in models}
+        self._method_children: dict[str, Histogram] = {}
+        self.inflight_counts: dict[str, int] = {}  # RPCs being handled, by method (event loop only)
+        self._code_children: dict[tuple[str, str], Counter] = {}
+
+    def method(self, method: str) -> Histogram:
+        """The latency histogram child of an RPC method (cached); also sets up its in-flight gauge."""
+        c = self._method_children.get(method)
+        if c is None:
+            c = self._method_children[method] = self.request_duration.labels(method)
+            self.inflight_counts.setdefault(method, 0)
+            counts = self.inflight_counts
+            self.inflight.labels(method).set_function(lambda: counts[method])
+        return c
+
+    def count_request(self, method: str, code: str) -> None:
+        c = self._code_children.get((method, code))
+        if c is None:
+            c = self._code_children[(method, code)] = self.requests.labels(method, code)
+        c.inc()
+
+    def set_model_info(self, name: str, version: str, providers: Iterable[str]) -> None:
+        self.model_info.labels(name, version, ",".join(providers)).set(1)

@@ -1,0 +1,249 @@
+"""The dynamic batcher against a fake runner: merging, splitting, ordering, back-pressure, drops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import pytest
+
+from serving.batcher import Batcher
+from serving.errors import DeadlineExpired, QueueFull, ShuttingDown
+from serving.metrics import Metrics
+
+
+class FakeRunner:
+    """Returns [2x, row sums]; records every batch; can be held busy with `gate` to let arrivals queue."""
+
+    name = "fake"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.fail = fail
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        self.started.set()
+        self.gate.wait(5)
+        self.batches.append(x.copy())
+        if self.fail:
+            raise RuntimeError("runner exploded")
+        return [x * 2, x.reshape(x.shape[0], -1).sum(axis=1)]
+
+
+def rows(start: int, n: int, width: int = 3) -> np.ndarray:
+    """n distinct rows (n, width): row i is filled with the value start + i."""
+    return np.repeat(np.arange(start, start + n, dtype=np.float32)[:, None], width, axis=1)
+
+
+def run_with(runner: FakeRunner, body: Callable[[Batcher], Awaitable[None]], **kw: int) -> Metrics:
+    metrics = Metrics()
+    opts = {"max_batch_size": 8, "max_queue_delay_us": 0, "max_queue_rows": 64, **kw}
+
+    async def main() -> None:
+        b = Batcher(runner, metrics=metrics.models["encoder"], **opts)
+        b.start()
+        try:
+            await body(b)
+        finally:
+            runner.gate.set()
+            await b.close()
+
+    asyncio.run(main())
+    return metrics
+
+
+async def hold_runner_busy(b: Batcher, runner: FakeRunner) -> asyncio.Task[list[np.ndarray]]:
+    """Submit one row and keep the runner inside run() until runner.gate is set."""
+    runner.gate.clear()
+    runner.started.clear()
+    first = asyncio.ensure_future(b.submit(rows(1000, 1)))
+    await asyncio.get_running_loop().run_in_executor(None, runner.started.wait, 5)
+    return first
+
+
+def sample_value(metrics: Metrics, name: str, **labels: str) -> float:
+    v = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def test_a_request_to_an_idle_batcher_runs_at_once_on_its_own() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        out = await b.submit(rows(0, 2))
+        np.testing.assert_array_equal(out[0], rows(0, 2) * 2)
+
+    run_with(runner, body)
+    assert [len(x) for x in runner.batches] == [2]
+
+
+def test_requests_arriving_while_the_runner_is_busy_merge_into_one_batch_and_each_gets_its_rows() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        first = await hold_runner_busy(b, runner)
+        tasks = [asyncio.ensure_future(b.submit(rows(10 * i, 1))) for i in range(6)]
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        outs = await asyncio.gather(*tasks)
+        await first
+        for i, out in enumerate(outs):
+            np.testing.assert_array_equal(out[0], rows(10 * i, 1) * 2)
+            assert out[1].tolist() == [3 * 10 * i]
+
+    metrics = run_with(runner, body)
+    assert [len(x) for x in runner.batches] == [1, 6]
+    assert sample_value(metrics, "vae_rows_total", model="encoder") == 7
+    assert sample_value(metrics, "vae_batches_total", model="encoder") == 2
+
+
+def test_a_request_larger_than_max_batch_size_is_split_and_reassembled_in_order() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        out = await b.submit(rows(0, 21))
+        np.testing.assert_array_equal(out[0], rows(0, 21) * 2)
+        np.testing.assert_array_equal(out[1], rows(0, 21).sum(axis=1))
+
+    run_with(runner, body, max_batch_size=8)
+    assert [len(x) for x in runner.batches] == [8, 8, 5]
+
+
+def test_split_requests_share_batches_with_their_neighbours_without_mixing_rows() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        first = await hold_runner_busy(b, runner)
+        sizes = [3, 7, 2, 9, 1]
+        starts = np.cumsum([0, *sizes])[:-1] * 100
+        tasks = [asyncio.ensure_future(b.submit(rows(int(s), n))) for s, n in zip(starts, sizes)]
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        outs = await asyncio.gather(*tasks)
+        await first
+        for s, n, out in zip(starts, sizes, outs):
+            np.testing.assert_array_equal(out[0], rows(int(s), n) * 2)
+
+    run_with(runner, body, max_batch_size=8)
+    assert [len(x) for x in runner.batches] == [1, 8, 8, 6]
+
+
+def test_a_full_queue_rejects_at_once_without_queueing() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        first = await hold_runner_busy(b, runner)
+        queued = asyncio.ensure_future(b.submit(rows(0, 60)))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="max-queue-rows 64"):
+            await b.submit(rows(100, 5))
+        assert b.queued_rows == 60
+        runner.gate.set()
+        await queued
+        await first
+
+    metrics = run_with(runner, body)
+    assert sample_value(metrics, "vae_rejections_total", model="encoder", reason="queue_full") == 1
+    assert all(100 not in x for x in runner.batches)
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        first = await hold_runner_busy(b, runner)
+        deadline = asyncio.get_running_loop().time() + 0.005
+        late = asyncio.ensure_future(b.submit(rows(77, 2), deadline=deadline))
+        ok = asyncio.ensure_future(b.submit(rows(5, 1)))
+        await asyncio.sleep(0.02)
+        runner.gate.set()
+        with pytest.raises(DeadlineExpired, match="not computed"):
+            await late
+        await ok
+        await first
+
+    metrics = run_with(runner, body)
+    assert all(77 not in x for x in runner.batches)
+    assert sample_value(metrics, "vae_rejections_total", model="encoder", reason="deadline") == 1
+    assert sample_value(metrics, "vae_rows_total", model="encoder") == 2
+
+
+def test_a_cancelled_request_is_dropped_before_compute() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        first = await hold_runner_busy(b, runner)
+        gone = asyncio.ensure_future(b.submit(rows(55, 3)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        ok = asyncio.ensure_future(b.submit(rows(5, 1)))
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        await ok
+        await first
+        assert gone.cancelled()
+
+    metrics = run_with(runner, body)
+    assert all(55 not in x for x in runner.batches)
+    assert sample_value(metrics, "vae_rejections_total", model="encoder", reason="cancelled") == 1
+
+
+def test_a_failing_run_fails_its_requests_and_the_batcher_keeps_serving() -> None:
+    runner = FakeRunner(fail=True)
+
+    async def body(b: Batcher) -> None:
+        with pytest.raises(RuntimeError, match="exploded"):
+            await b.submit(rows(0, 2))
+        runner.fail = False
+        out = await b.submit(rows(3, 1))
+        np.testing.assert_array_equal(out[0], rows(3, 1) * 2)
+
+    run_with(runner, body)
+
+
+def test_closing_fails_queued_requests_with_shutting_down() -> None:
+    runner = FakeRunner()
+
+    async def main() -> None:
+        b = Batcher(runner, max_batch_size=4, max_queue_delay_us=0, max_queue_rows=64)
+        b.start()
+        first = await hold_runner_busy(b, runner)
+        queued = asyncio.ensure_future(b.submit(rows(0, 2)))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0.01)
+        runner.gate.set()
+        await closing
+        with pytest.raises(ShuttingDown):
+            await queued
+        first.cancel()
+        with pytest.raises(ShuttingDown):
+            await b.submit(rows(0, 1))
+
+    asyncio.run(main())
+
+
+def test_queue_delay_lets_a_partial_batch_wait_for_arrivals_still_coming() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        first = await hold_runner_busy(b, runner)
+        a = asyncio.ensure_future(b.submit(rows(0, 1)))
+        await asyncio.sleep(0)
+
+        async def trickle() -> None:
+            for i in range(3):
+                await asyncio.sleep(0)
+                await b.submit(rows(10 + i, 1))
+
+        t = asyncio.ensure_future(trickle())
+        runner.gate.set()
+        await asyncio.gather(a, first, t)
+
+    run_with(runner, body, max_queue_delay_us=1_000_000)
+    assert sum(len(x) for x in runner.batches) == 5

@@ -1,0 +1,49 @@
+"""ServeConfig: defaults, flags over VAE_SERVE_* env over defaults, validation naming the flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving.config import ConfigError, ServeConfig
+
+
+def test_defaults_match_the_architecture_contract() -> None:
+    c = ServeConfig.from_args([], env={})
+    assert (c.port, c.metrics_port, c.providers, c.intra_op_threads) == (50051, 9090, "auto", 1)
+    assert (c.max_batch_size, c.max_queue_delay_us, c.max_queue_rows) == (256, 500, 16384)
+    assert (c.max_sample_count, c.max_message_bytes, c.grace_period_s) == (4096, 64 * 1024 * 1024, 10.0)
+    assert c.model_dir == Path("exported") and c.ready_file is None and not c.tls
+
+
+def test_environment_variables_set_defaults_and_flags_win_over_them() -> None:
+    env = {"VAE_SERVE_PORT": "6000", "VAE_SERVE_MAX_BATCH_SIZE": "32", "VAE_SERVE_PROVIDERS": "cpu"}
+    c = ServeConfig.from_args(["--port", "7000"], env=env)
+    assert (c.port, c.max_batch_size, c.providers) == (7000, 32, "cpu")
+
+
+def test_a_malformed_environment_variable_is_reported_by_name() -> None:
+    with pytest.raises(ConfigError, match="VAE_SERVE_PORT: expected int, got 'abc'"):
+        ServeConfig.from_args([], env={"VAE_SERVE_PORT": "abc"})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_batch_size": 0}, "max-batch-size: expected an integer >= 1"),
+    ({"max_queue_rows": 8, "max_batch_size": 16}, "max-queue-rows: expected an integer >= max_batch_size"),
+    ({"port": 70000}, "port: expected 0"),
+    ({"metrics_port": -2}, "metrics-port: expected -1"),
+    ({"providers": "tpu"}, "providers: expected one of"),
+    ({"max_queue_delay_us": -1}, "max-queue-delay-us: expected an integer >= 0"),
+    ({"grace_period_s": -1.0}, "grace-period-s: expected a number >= 0"),
+    ({"tls_cert": Path("/nonexistent.pem")}, "tls-key: expected --tls-cert and --tls-key given together"),
+    ({"tls_client_ca": Path("/x.pem")}, "tls-client-ca: expected only with --tls-cert"),
+])
+def test_invalid_settings_are_refused_with_the_flag_named(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_tls_files_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tls-cert: expected a readable file"):
+        ServeConfig(tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem")
