@@ -17,7 +17,6 @@ import ctypes.util
 import datetime as dt
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -117,10 +116,20 @@ def _real_examples(config: TrainConfig, n: int) -> np.ndarray | None:
     return source[:n].numpy().astype(np.float32)
 
 
-def _max_abs_diff(got: np.ndarray, want: np.ndarray) -> float:
+# Outputs gated on |diff| / max(1, |reference|) rather than |diff|: the Bernoulli logits are unbounded
+# pre-activations (|logit| reaches 50 on MNIST), where float32's spacing alone is ~4e-6, so two correct
+# matmul implementations differ by a few ulps there. Every other output is gated on the absolute difference.
+SCALED_OUTPUTS: frozenset[str] = frozenset({"logits"})
+
+
+def _diffs(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(max |got - want|, max |got - want| / max(1, |want|)); raises ParityError on NaN/Inf."""
     if not np.all(np.isfinite(got)):
         raise ParityError("ONNX Runtime produced NaN or Inf")
-    return float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if got.size else 0.0
+    if not got.size:
+        return 0.0, 0.0
+    d = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    return float(d.max()), float((d / np.maximum(1.0, np.abs(want.astype(np.float64)))).max())
 
 
 def check_parity(model: VAE, encoder_path: Path, decoder_path: Path, decoder_outputs: list[str],
@@ -136,8 +145,14 @@ def check_parity(model: VAE, encoder_path: Path, decoder_path: Path, decoder_out
     rng = np.random.default_rng(seed)
     sizes = sorted({*PARITY_BATCH_SIZES, 2 * train_batch_size + 3})
     shape, d = model.example_shape, model.config.latent_dim
-    worst: dict[str, float] = {f"encoder.{n}": 0.0 for n in ENCODER_OUTPUTS}
-    worst.update({f"decoder.{n}": 0.0 for n in decoder_outputs})
+    keys = [f"encoder.{n}" for n in ENCODER_OUTPUTS] + [f"decoder.{n}" for n in decoder_outputs]
+    worst = dict.fromkeys(keys, 0.0)  # max |ORT - PyTorch|
+    worst_scaled = dict.fromkeys(keys, 0.0)  # max |ORT - PyTorch| / max(1, |PyTorch|)
+
+    def record(key: str, got: np.ndarray, want: np.ndarray) -> None:
+        a, r = _diffs(got, want)
+        worst[key], worst_scaled[key] = max(worst[key], a), max(worst_scaled[key], r)
+
     cases: list[tuple[str, np.ndarray]] = []
     for b in sizes:
         if model.likelihood == "bernoulli":
@@ -153,19 +168,21 @@ def check_parity(model: VAE, encoder_path: Path, decoder_path: Path, decoder_out
             want = [t.numpy() for t in enc_graph(torch.from_numpy(x))]
             got = enc.run(list(ENCODER_OUTPUTS), {"x": x})
             for n, g, w in zip(ENCODER_OUTPUTS, got, want):
-                worst[f"encoder.{n}"] = max(worst[f"encoder.{n}"], _max_abs_diff(g, w))
+                record(f"encoder.{n}", g, w)
             # The decoder sees both prior draws and the posterior means of the case's inputs.
             for z in (rng.standard_normal((len(x), d), dtype=np.float32), want[0]):
                 want_x = [t.numpy() for t in dec_graph(torch.from_numpy(z))]
                 got_x = dec.run(decoder_outputs, {"z": z})
                 for n, g, w in zip(decoder_outputs, got_x, want_x):
-                    worst[f"decoder.{n}"] = max(worst[f"decoder.{n}"], _max_abs_diff(g, w))
+                    record(f"decoder.{n}", g, w)
             logger.debug("parity %s ok", label)
+    gated = {k: worst_scaled[k] if k.split(".")[1] in SCALED_OUTPUTS else worst[k] for k in keys}
     report = {"tolerance": tolerance, "provider": "CPUExecutionProvider", "batch_sizes": sizes,
               "real_examples": real is not None and len(real) > 0, "max_abs_diff": worst,
-              "passed": all(v <= tolerance for v in worst.values())}
+              "max_scaled_diff": worst_scaled, "scaled_outputs": sorted(SCALED_OUTPUTS), "gated": gated,
+              "passed": all(v <= tolerance for v in gated.values())}
     if not report["passed"]:
-        bad = {k: v for k, v in worst.items() if v > tolerance}
+        bad = {k: v for k, v in gated.items() if v > tolerance}
         raise ParityError(f"max |ORT - PyTorch| above {tolerance:g}: "
                           + ", ".join(f"{k}={v:.3g}" for k, v in bad.items()))
     return report
@@ -327,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  parity (ORT CPU vs PyTorch, batch sizes {parity['batch_sizes']}, tolerance {parity['tolerance']:g}, "
           f"real examples: {parity['real_examples']}):")
     for k, v in parity["max_abs_diff"].items():
-        print(f"    {k:<16} max |diff| = {v:.3g}")
-    if not math.isfinite(max(parity["max_abs_diff"].values())):
-        return 1
+        scaled = k.split(".")[1] in parity["scaled_outputs"]
+        extra = f"  (gated on |diff|/max(1,|ref|) = {parity['max_scaled_diff'][k]:.3g})" if scaled else ""
+        print(f"    {k:<16} max |diff| = {v:.3g}{extra}")
     return 0
 
 

@@ -38,7 +38,10 @@ def test_the_manifest_validates_and_records_checksums_parity_and_metrics(exporte
     assert m.graphs["decoder"].output_names() == ["x_mean", "logits"]
     parity = m.raw["parity"]
     assert parity["passed"] and parity["real_examples"]
-    assert max(parity["max_abs_diff"].values()) <= 1e-5
+    assert max(parity["gated"].values()) <= 1e-5
+    assert parity["scaled_outputs"] == ["logits"]  # every other output is gated on the absolute difference
+    for key in ("encoder.mu", "encoder.var", "encoder.logvar", "decoder.x_mean"):
+        assert parity["gated"][key] == parity["max_abs_diff"][key] <= 1e-5
     assert 1 in parity["batch_sizes"] and 7 in parity["batch_sizes"] and 128 in parity["batch_sizes"]
     assert max(parity["batch_sizes"]) > m.raw["training"]["config"]["batch_size"]
     metrics = m.raw["training"]["metrics"]
