@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,16 @@ def trained_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+# A pytest run in a child process (tests/integration/test_oip.py) reuses its parent's export via this variable.
+EXPORTED_DIR_ENV = "VAE_TEST_EXPORTED_DIR"
+
+
 @pytest.fixture(scope="session")
-def exported_model_dir(trained_run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported_model_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     """`trained_run_dir` exported with `python -m training.export` (the real export, parity gate included)."""
+    if os.environ.get(EXPORTED_DIR_ENV):
+        return Path(os.environ[EXPORTED_DIR_ENV])
+    trained_run_dir: Path = request.getfixturevalue("trained_run_dir")
     out = tmp_path_factory.mktemp("export") / "exported"
     run_module("training.export", "--run", str(trained_run_dir), "--out", str(out))
     return out
