@@ -27,8 +27,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow'
 
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
 lint: $(STAMP)
-	$(BIN)/ruff check training serving tests
+	$(BIN)/ruff check training serving tests benchmarks
 	$(BIN)/mypy serving
 
 clean:

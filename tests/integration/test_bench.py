@@ -1,0 +1,60 @@
+"""`python -m serving.bench` for a few seconds against the real server (real export, real gRPC)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration._server import REPO, ServerProcess, start_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(exported_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    s = start_server(exported_model_dir, tmp_path_factory.mktemp("bench-server"))
+    yield s  # type: ignore[misc]
+    assert s.stop() == 0
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "serving.bench", *args], check=False, cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
+def result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("rpc", "rows", "model"), [("encode", 1, "encoder"), ("sample", 4, "decoder"),
+                                                    ("reconstruct", 2, "encoder"), ("decode", 3, "decoder"),
+                                                    ("infer-encoder", 2, "encoder")])
+def test_a_short_closed_loop_run_reports_requests_cpu_memory_and_batches(
+        server: ServerProcess, rpc: str, rows: int, model: str) -> None:
+    ready = server.log_path.parent / "ready.json"
+    r = result(bench("--ready-file", str(ready), "--rpc", rpc, "--rows", str(rows), "--concurrency", "8",
+                     "--duration-s", "1", "--warmup-s", "0.3"))
+    assert r["requests"] > 10 and r["errors"] == {} and r["rows_per_s"] == pytest.approx(rows * r["requests_per_s"])
+    s = r["server"]
+    assert s["pid"] == server.proc.pid and s["cpu_us_per_request"] > 0 and 10 < s["pss_mb"] < 1000
+    b = r["server_batches"]
+    assert b["model"] == model and b["runs"] > 0 and b["rows"] >= rows * r["requests"] * 0.5
+
+
+def test_an_open_loop_run_against_the_real_server(server: ServerProcess) -> None:
+    proc = bench("--target", server.target, "--server-pid", str(server.proc.pid), "--rpc", "encode",
+                 "--rate", "100", "--duration-s", "1", "--warmup-s", "0.2")
+    r = result(proc)
+    assert r["loop"] == "open" and r["requests_per_s"] == pytest.approx(100, rel=0.2) and r["errors"] == {}
+    assert "req/s" in proc.stdout
+
+
+def test_a_remote_target_is_refused_before_anything_is_sent() -> None:
+    proc = bench("--target", "192.0.2.1:50051", "--duration-s", "1")
+    assert proc.returncode == 2 and "only loopback" in proc.stderr

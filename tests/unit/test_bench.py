@@ -1,0 +1,227 @@
+"""The load generator (serving.bench) against in-process gRPC servers, and the benchmark report logic."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from benchmarks.report import targets
+from benchmarks.run import summarize_profile
+from serving._proto.inference import grpc_service_pb2 as oip_pb
+from serving._proto.vae.v1 import vae_service_pb2 as pb
+from serving.bench import (
+    BenchError,
+    BenchSpec,
+    _NullHandler,
+    build_requests,
+    check_loopback,
+    cpus_busy_s,
+    format_table,
+    proc_cpu_s,
+    proc_memory_mb,
+    proc_runqueue_wait_s,
+    run_bench,
+)
+
+
+class _Handler(grpc.GenericRpcHandler):
+    def __init__(self, fn: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]) -> None:
+        self._h = grpc.unary_unary_rpc_method_handler(fn)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return self._h
+
+
+def bench_against(handler: grpc.GenericRpcHandler, **spec: Any) -> dict[str, Any]:
+    """Start `handler` on an in-process grpc.aio server on port 0, run one benchmark against it."""
+
+    async def go() -> dict[str, Any]:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            return await run_bench(BenchSpec(target=f"127.0.0.1:{port}", **spec))
+        finally:
+            await server.stop(0)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:50051", "localhost:1", "[::1]:8080", "127.3.4.5:9"])
+def test_loopback_targets_are_accepted(target: str) -> None:
+    host, port = check_loopback(target)
+    assert port > 0 and host
+
+
+@pytest.mark.parametrize("target", ["10.0.0.1:50051", "192.0.2.7:80", "[2001:db8::1]:443"])
+def test_non_loopback_targets_are_refused(target: str) -> None:
+    with pytest.raises(BenchError, match="only loopback"):
+        check_loopback(target)
+
+
+def test_a_target_without_a_port_is_refused() -> None:
+    with pytest.raises(BenchError, match="HOST:PORT"):
+        check_loopback("localhost")
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("duration_s", 601.0, "duration-s"), ("duration_s", 0.0, "duration-s"), ("warmup_s", 61.0, "warmup-s"),
+    ("rate", 0.0, "rate"), ("rows", 0, "rows"), ("concurrency", 0, "concurrency"), ("rpc", "Nope", "rpc"),
+    ("max_requests", 0, "max-requests")])
+def test_a_spec_out_of_bounds_names_the_flag(field: str, value: Any, match: str) -> None:
+    with pytest.raises(BenchError, match=match):
+        BenchSpec(target="127.0.0.1:1", **{field: value})
+
+
+def test_a_spec_for_a_remote_target_is_refused() -> None:
+    with pytest.raises(BenchError, match="loopback"):
+        BenchSpec(target="10.1.2.3:50051")
+
+
+def test_encode_requests_are_distinct_and_carry_b_rows_of_float32() -> None:
+    reqs = build_requests("encode", 3, (784,), 20, distinct=4)
+    assert len(set(reqs)) == 4
+    msg = pb.EncodeRequest.FromString(reqs[0])
+    assert list(msg.x.shape) == [3, 784]
+    x = np.frombuffer(msg.x.data, dtype="<f4")
+    assert x.size == 3 * 784 and np.all((x >= 0) & (x < 1))
+
+
+def test_decode_sample_and_reconstruct_requests_match_their_messages() -> None:
+    assert list(pb.DecodeRequest.FromString(build_requests("decode", 5, (784,), 20, 1)[0]).z.shape) == [5, 20]
+    assert pb.SampleRequest.FromString(build_requests("sample", 7, (784,), 20, 1)[0]).count == 7
+    rec = pb.ReconstructRequest.FromString(build_requests("reconstruct", 2, (28, 28), 20, 1)[0])
+    assert list(rec.x.shape) == [2, 28, 28] and len(rec.x.data) == 2 * 784 * 4
+
+
+def test_oip_requests_are_raw_fp32_for_the_named_model() -> None:
+    req = oip_pb.ModelInferRequest.FromString(build_requests("infer-encoder", 4, (784,), 20, 1)[0])
+    assert req.model_name == "encoder" and req.inputs[0].name == "x" and req.inputs[0].datatype == "FP32"
+    assert list(req.inputs[0].shape) == [4, 784] and len(req.raw_input_contents[0]) == 4 * 784 * 4
+    dec = oip_pb.ModelInferRequest.FromString(build_requests("infer-decoder", 2, (784,), 20, 1)[0])
+    assert dec.model_name == "decoder" and dec.inputs[0].name == "z" and list(dec.inputs[0].shape) == [2, 20]
+
+
+def test_proc_readers_see_this_process_cpu_and_memory() -> None:
+    c0 = proc_cpu_s(os.getpid())
+    t_end = time.process_time() + 0.1
+    while time.process_time() < t_end:
+        pass
+    assert proc_cpu_s(os.getpid()) - c0 >= 0.05
+    mem = proc_memory_mb(os.getpid())
+    assert 0 < mem["pss_mb"] <= mem["rss_mb"]
+
+
+def test_closed_loop_against_a_do_nothing_server_reports_throughput_latency_and_cpu() -> None:
+    r = bench_against(_NullHandler(), concurrency=4, duration_s=0.6, warmup_s=0.2, server_pid=os.getpid())
+    assert r["loop"] == "closed" and r["requests"] > 50 and r["errors"] == {} and r["ok"] == r["requests"]
+    lat = r["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert r["requests_per_s"] == pytest.approx(r["requests"] / r["duration_s"])
+    assert r["server"]["cpu_us_per_request"] > 0 and r["server"]["pss_mb"] > 0
+    assert 0 <= r["generator"]["cpu_cores"] and r["generator"]["event_loop"]
+    assert "req/s" in format_table(r)
+
+
+def test_open_loop_offers_the_requested_rate() -> None:
+    r = bench_against(_NullHandler(), rate=200.0, duration_s=1.0, warmup_s=0.2)
+    assert r["loop"] == "open" and r["offered_rps"] == 200.0
+    assert r["requests_per_s"] == pytest.approx(200, rel=0.15)
+    assert r["generator"]["open_loop_dropped"] == 0
+
+
+def test_open_loop_measures_from_the_schedule_when_the_server_stalls() -> None:
+    async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await asyncio.sleep(0.05)
+        return b""
+
+    # 100 req/s offered, each takes 50 ms: no queueing, so latency ~50 ms, never less.
+    r = bench_against(_Handler(slow), rate=100.0, duration_s=0.6, warmup_s=0.1)
+    assert r["latency_ms"]["p50"] >= 50
+
+
+def test_the_request_cap_bounds_what_is_sent() -> None:
+    r = bench_against(_NullHandler(), concurrency=2, duration_s=2.0, warmup_s=0.0, max_requests=10)
+    assert r["requests"] <= 10
+
+
+def test_errors_are_counted_by_status_code() -> None:
+    async def full(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        return b""
+
+    r = bench_against(_Handler(full), concurrency=2, duration_s=0.4, warmup_s=0.1)
+    assert r["requests"] > 0 and r["ok"] == 0 and r["rows_per_s"] == 0
+    assert r["errors"] == {"RESOURCE_EXHAUSTED": r["requests"]}
+
+
+def test_a_busy_generator_is_flagged_in_the_table() -> None:
+    r = bench_against(_NullHandler(), concurrency=1, duration_s=0.3, warmup_s=0.0)
+    r["generator"]["bottleneck"] = True
+    assert "GENERATOR-BOUND" in format_table(r)
+
+
+def test_profile_summary_counts_own_and_total_samples(tmp_path: Path) -> None:
+    raw = tmp_path / "p.txt"
+    raw.write_text("thread a;main;f;g 6\nthread a;main;f 2\nthread b;h 2\n")
+    s = summarize_profile(raw)
+    assert s["samples"] == 10
+    assert dict(s["own"]) == {"g": 60.0, "f": 20.0, "h": 20.0}
+    assert dict(s["total"])["f"] == 80.0 and dict(s["threads"])["thread a"] == 80.0
+
+
+def _run(rps: float, p50: float, cpu: float, rows: float) -> dict[str, Any]:
+    return {"requests_per_s": rps, "rows_per_s": rows, "latency_ms": {"p50": p50},
+            "server": {"cpu_us_per_request": cpu, "cpu_us_per_row": cpu * rps / rows}}
+
+
+def test_targets_pass_and_miss_by_the_issue_rules() -> None:
+    runs = {"batching/encode/c1/b1": [_run(1000, 1.05, 500, 1000)], "mbs1/encode/c1/b1": [_run(1000, 1.0, 500, 1000)],
+            "batching/encode/c64/b1": [_run(3000, 20, 200, 3000)], "mbs1/encode/c64/b1": [_run(1000, 60, 500, 1000)],
+            "batching/encode/c8/b64": [_run(700, 10, 1400, 44800)]}  # 21.9 us CPU/row = 45,714 rows/CPU-s
+    ceiling = {"1": 10000, "32": 50000, "64": 56000, "512": 54000}  # plateau (median of >= 32): 54,000
+    res = {"serving": {"runs": runs}, "ort_ceiling": {"encoder": ceiling, "encoder_per_cpu_s": ceiling},
+           "startup": {"median_pss_mb": 80.0, "median_start_s": 1.2, "start_to_serving_s": [1.2]}}
+    result = {name: ok for name, _, _, ok, _ in targets(res)}
+    assert list(result.values()) == [True, True, False, True, True, True, True]
+
+
+def test_the_protobuf_only_server_answers_encode_with_a_response_of_the_right_size() -> None:
+    async def go() -> tuple[int, dict[str, Any]]:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((_NullHandler(proto=True, latent_dim=20),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                reply = await ch.unary_unary("/vae.v1.VaeService/Encode")(build_requests("encode", 3, (784,), 20, 1)[0])
+            size = len(pb.EncodeResponse.FromString(reply).mu.data)
+            return size, await run_bench(BenchSpec(target=f"127.0.0.1:{port}", rows=3, concurrency=2,
+                                                   duration_s=0.3, warmup_s=0.0))
+        finally:
+            await server.stop(0)
+
+    size, r = asyncio.run(go())
+    assert size == 3 * 20 * 4 and r["requests"] > 0 and r["errors"] == {}
+
+
+def test_runqueue_wait_of_this_process_is_readable() -> None:
+    assert proc_runqueue_wait_s(os.getpid()) >= 0
+
+
+def test_busy_time_of_this_process_cpus_covers_its_own_cpu_time() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    b0, c0 = cpus_busy_s(cpus), proc_cpu_s(os.getpid())
+    t_end = time.process_time() + 0.2
+    while time.process_time() < t_end:
+        pass
+    assert cpus_busy_s(cpus) - b0 >= 0.5 * (proc_cpu_s(os.getpid()) - c0) > 0
