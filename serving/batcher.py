@@ -7,9 +7,11 @@
   batching adds no latency at low load.
 - Busy runner: arrivals accumulate in the queue while ONNX Runtime runs in the runner thread (it
   releases the GIL, so the event loop keeps receiving). When the run ends, everything queued (up to
-  `max_batch_size` rows) becomes the next batch. If that batch is not full, the loop yields to the event
-  loop while new requests keep arriving, for at most `max_queue_delay_us` counted from the oldest
-  queued request's arrival (asyncio timers are millisecond-grained, so it yields rather than sleeps).
+  `max_batch_size` rows) becomes the next batch. If that batch is not full, it keeps gathering until
+  the batch is full or `max_queue_delay_us` has passed since the oldest queued request arrived: one
+  event-loop pass at a time while the remaining wait is under a millisecond (asyncio timers are
+  millisecond-grained), on a timer beyond that. Stopping at the first pass without an arrival would
+  keep batches at ~2 rows on one core, where the event loop itself is the bottleneck.
 - A request larger than `max_batch_size` rows is split across consecutive batches and reassembled in
   order; a batch may end with the head of one request and start with the tail of another.
 - Back-pressure: more than `max_queue_rows` queued rows -> QueueFull at once, nothing queued.
@@ -43,6 +45,9 @@ from serving.metrics import ModelMetrics
 logger = logging.getLogger(__name__)
 
 Outputs = list[np.ndarray]
+
+# Below this remaining wait the gatherer yields event-loop passes instead of arming a timer.
+_TIMER_RESOLUTION_S = 1e-3
 
 
 class Runner(Protocol):
@@ -92,7 +97,6 @@ class Batcher:
         self._m = metrics
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0
-        self._arrivals = 0  # total submitted, to tell whether requests are still arriving
         self._busy = False  # a batch is on the runner thread (or about to be dispatched)
         self._jobs: queue.SimpleQueue[tuple[list[_Slice], int] | None] = queue.SimpleQueue()
         self._results: deque[tuple[list[_Slice], int, Outputs | BaseException, float]] = deque()
@@ -101,6 +105,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
         self._closed = False
+        self._gather_timer: asyncio.TimerHandle | None = None
         if metrics is not None:  # read when /metrics is scraped: no per-request cost
             metrics.queue_rows.set_function(lambda: self._queued_rows)
             metrics.queue_requests.set_function(lambda: len(self._queue))
@@ -123,11 +128,17 @@ class Batcher:
     async def close(self) -> None:
         """Stop taking work; let a run in progress finish; fail anything still queued with ShuttingDown."""
         self._closed = True
+        gathering = self._gather_timer is not None
+        if self._gather_timer is not None:
+            self._gather_timer.cancel()
+            self._gather_timer = None
         while self._queue:
             req = self._queue.popleft()
             if not req.fut.done():
                 req.fut.set_exception(ShuttingDown("the server is shutting down"))
         self._queued_rows = 0
+        if gathering:
+            self._dispatch()  # the cancelled gather would have: with the queue empty, this goes idle
         if self._idle is not None:
             await self._idle.wait()
         self._jobs.put(None)
@@ -158,11 +169,14 @@ class Batcher:
         fut: asyncio.Future[Outputs] = loop.create_future()
         self._queue.append(_Request(x, fut, deadline, loop.time()))
         self._queued_rows += n
-        self._arrivals += 1
         if not self._busy:
             # Idle runner: this request starts at the end of the current event-loop pass (microseconds),
             # so requests that became ready in the same pass share its run.
             self._busy = True
+            loop.call_soon(self._dispatch)
+        elif self._gather_timer is not None and self._queued_rows >= self.max_batch_size:
+            self._gather_timer.cancel()  # the batch being gathered is full: run it now
+            self._gather_timer = None
             loop.call_soon(self._dispatch)
         return await fut
 
@@ -180,15 +194,20 @@ class Batcher:
             self._busy = False
             self._idle.set()
 
-    def _gather_then_dispatch(self, arrivals: int) -> None:
-        """Yield one event-loop pass at a time while requests keep arriving, within the queue delay."""
-        assert self._loop is not None
+    def _gather_then_dispatch(self) -> None:
+        """Let a partial batch fill until it is full or the oldest queued request has waited the delay."""
+        loop = self._loop
+        assert loop is not None
+        self._gather_timer = None
         q = self._queue
-        if (q and self._queued_rows < self.max_batch_size and self._arrivals != arrivals
-                and self._loop.time() - q[0].t_enqueue < self._delay_s):
-            self._loop.call_soon(self._gather_then_dispatch, self._arrivals)
-        else:
+        remaining = self._delay_s - (loop.time() - q[0].t_enqueue) if q else 0.0
+        if self._queued_rows >= self.max_batch_size or remaining <= 0:
             self._dispatch()
+        elif remaining < _TIMER_RESOLUTION_S:
+            loop.call_soon(self._gather_then_dispatch)  # one pass: receive whatever is ready, then look again
+        else:
+            # Sleep in the event loop (it keeps receiving); `submit` cuts this short when the batch fills.
+            self._gather_timer = loop.call_later(remaining - _TIMER_RESOLUTION_S / 2, self._gather_then_dispatch)
 
     def _on_wake(self) -> None:
         """The runner thread finished a batch: drain the pipe, then handle the results."""
@@ -218,7 +237,7 @@ class Batcher:
             # A partial batch: requests answered just now are likely to send their next one; let
             # whatever is already arriving join, for one event-loop pass at a time.
             assert self._loop is not None
-            self._loop.call_soon(self._gather_then_dispatch, -1)
+            self._loop.call_soon(self._gather_then_dispatch)
         else:
             self._dispatch()
 

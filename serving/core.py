@@ -90,8 +90,8 @@ class VaeCore:
         """
         tail = self.example_shape if model == "encoder" else (self.latent_dim,)
         shape = tuple(shape)  # proto repeated int64: ints already
-        want = f"shape (N, {', '.join(str(s) for s in tail)}) float32 with 1 <= N <= {self.max_rows}"
         if len(shape) != 1 + len(tail) or shape[1:] != tail or not 1 <= shape[0] <= self.max_rows:
+            want = f"shape (N, {', '.join(str(s) for s in tail)}) float32 with 1 <= N <= {self.max_rows}"
             raise self.invalid(model, field, want, _shape_str(shape))
         count = math.prod(shape)
         if data is not None:

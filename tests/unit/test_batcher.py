@@ -247,3 +247,41 @@ def test_queue_delay_lets_a_partial_batch_wait_for_arrivals_still_coming() -> No
 
     run_with(runner, body, max_queue_delay_us=1_000_000)
     assert sum(len(x) for x in runner.batches) == 5
+
+
+def test_a_partial_batch_keeps_gathering_arrivals_until_the_queue_delay_passes() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        first = await hold_runner_busy(b, runner)
+        second = asyncio.ensure_future(b.submit(rows(0, 1)))  # queued behind the busy runner
+        await asyncio.sleep(0.005)
+        runner.gate.set()
+        await first
+        await asyncio.sleep(0.02)  # well after the run ended, but within the 200 ms delay
+        third = await b.submit(rows(1, 1))
+        np.testing.assert_array_equal(third[0], rows(1, 1) * 2)
+        np.testing.assert_array_equal((await second)[0], rows(0, 1) * 2)
+
+    run_with(runner, body, max_queue_delay_us=200_000)
+    assert [len(x) for x in runner.batches] == [1, 2]  # the second and third requests shared one run
+
+
+def test_a_batch_that_fills_while_gathering_runs_without_waiting_out_the_delay() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        loop = asyncio.get_running_loop()
+        first = await hold_runner_busy(b, runner)
+        second = asyncio.ensure_future(b.submit(rows(0, 1)))
+        await asyncio.sleep(0.005)
+        runner.gate.set()
+        await first
+        await asyncio.sleep(0.005)  # the gatherer is now waiting on its 30 s timer
+        t0 = loop.time()
+        await b.submit(rows(1, 3))  # fills the batch: 1 + 3 rows = max_batch_size
+        await second
+        assert loop.time() - t0 < 1.0
+
+    run_with(runner, body, max_batch_size=4, max_queue_delay_us=30_000_000)
+    assert [len(x) for x in runner.batches] == [1, 4]
