@@ -63,8 +63,6 @@ class VaeCore:
         self._i_mean = dec_names.index("x_mean")
         self._i_logits = dec_names.index("logits") if "logits" in dec_names else None
         self._i_xvar = dec_names.index("x_var") if "x_var" in dec_names else None
-        if self.manifest.likelihood == "bernoulli" and self._i_logits is None:
-            raise ValueError("a Bernoulli decoder must output 'logits' (needed for the log-likelihood)")
 
     def start(self) -> None:
         self.encoder.start()
@@ -173,13 +171,15 @@ class VaeCore:
         """log P(x|z) (N,) and KL(N(mu, var) || N(0, I)) (N,), accumulated in float64."""
         n = x.shape[0]
         xf = x.reshape(n, -1).astype(np.float64)
-        if self._i_logits is not None:
+        if self.manifest.likelihood == "bernoulli":
+            assert self._i_logits is not None  # the manifest guarantees it
             logits = dec[self._i_logits].reshape(n, -1).astype(np.float64)
             # x * l - softplus(l) == x log p + (1 - x) log(1 - p), stable for large |l|.
             ll = (xf * logits - np.logaddexp(0.0, logits)).sum(axis=1)
         else:
             mean = dec[self._i_mean].reshape(n, -1).astype(np.float64)
-            if self._i_xvar is not None:
+            if self.manifest.learned_variance:
+                assert self._i_xvar is not None  # the manifest guarantees it
                 v = dec[self._i_xvar].reshape(n, -1).astype(np.float64)
                 ll = -0.5 * ((xf - mean) ** 2 / v + np.log(v) + LOG_2PI).sum(axis=1)
             else:  # unit variance

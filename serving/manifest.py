@@ -144,6 +144,12 @@ class Manifest:
             if found[0].shape != shape or found[0].dtype != "float32":
                 raise ManifestError(f"{what}: expected float32 {list(shape)}, got {found[0].dtype} "
                                     f"{list(found[0].shape)}")
+        # The decoder outputs the log-likelihood needs: logits (Bernoulli), x_var (learned Gaussian variance).
+        need = {"logits"} if self.likelihood == "bernoulli" else ({"x_var"} if self.learned_variance else set())
+        missing = need - {t.name for t in dec.outputs}
+        if missing:
+            raise ManifestError(f"decoder outputs: likelihood {self.likelihood!r} (learned_variance="
+                                f"{self.learned_variance}) needs {sorted(need)}, got {dec.output_names()}")
         for key in ("offset", "scale"):
             v = self.normalization.get(key)
             ok = isinstance(v, (int, float)) or (isinstance(v, list) and len(v) == self.example_size)

@@ -62,6 +62,7 @@ class RunningServer:
         if self._stopped:
             return
         self._stopped = True
+        self.core.ready = False  # OIP ServerReady/ModelReady turn false with health, not after the drain
         await self.health.enter_graceful_shutdown()
         grace = self.config.grace_period_s if grace_s is None else grace_s
         logger.info("shutting down: NOT_SERVING, draining in-flight RPCs for up to %.1f s", grace)
@@ -90,34 +91,46 @@ async def start(config: ServeConfig) -> RunningServer:
     metrics.set_model_info(model.manifest.name, model.manifest.version, model.providers)
     core = VaeCore(model, config, metrics)
     core.start()
+    server: grpc.aio.Server | None = None
+    httpd: Any = None
+    try:
 
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ])
-    pb_grpc.add_VaeServiceServicer_to_server(VaeServicer(core, metrics), server)
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, metrics), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*HEALTH_NAMES[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    address = f"{config.host}:{config.port}"
-    creds = _credentials(config)
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"port: cannot bind {address}")
-    httpd, metrics_port = None, -1
-    if config.metrics_port >= 0:
-        httpd, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
-        metrics_port = int(httpd.server_port)
-    await server.start()
-    for name in HEALTH_NAMES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(config, server, core, metrics, health_servicer, port, metrics_port, httpd)
-    # Readiness also gates the OIP ServerReady/ModelReady answers.
-    core.ready = True
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_VaeServiceServicer_to_server(VaeServicer(core, metrics), server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, metrics), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*HEALTH_NAMES[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        address = f"{config.host}:{config.port}"
+        creds = _credentials(config)
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"port: cannot bind {address}")
+        httpd, metrics_port = None, -1
+        if config.metrics_port >= 0:
+            httpd, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+            metrics_port = int(httpd.server_port)
+        await server.start()
+        core.ready = True  # gates the OIP ServerReady/ModelReady answers; set before health says SERVING
+        for name in HEALTH_NAMES:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        running = RunningServer(config, server, core, metrics, health_servicer, port, metrics_port, httpd)
+    except BaseException:
+        # A failed start (port in use, TLS files unreadable, ...) must not leave runner threads,
+        # wake-up pipes or a half-started server behind.
+        if server is not None:
+            await server.stop(0)
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        await core.close()
+        raise
     logger.info("SERVING on %s (grpc port %d, metrics port %d%s) in %.0f ms", config.host, port, metrics_port,
                 ", TLS" + (" + client auth" if config.tls_client_ca else "") if creds else "",
                 1e3 * (time.perf_counter() - t0))

@@ -46,7 +46,9 @@ async def handle(metrics: Metrics, method: str, context: grpc.aio.ServicerContex
     try:
         result = await work
     except asyncio.CancelledError:
-        done("CANCELLED")
+        # grpc.aio cancels the handler both when the client cancels and when the deadline passes.
+        remaining = context.time_remaining()
+        done("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
         raise
     except Exception as e:
         status, message = status_for(e, method)

@@ -16,6 +16,7 @@ A checkpoint is one `torch.save` dict (format 1):
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -51,6 +52,11 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as indented JSON (with a final newline) atomically."""
+    atomic_write_bytes(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -91,13 +91,6 @@ def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
     return t
 
 
-def all_reduce_min(t: Tensor, ctx: DistContext) -> Tensor:
-    if ctx.is_distributed:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t
-
-
 def barrier(ctx: DistContext) -> None:
     if ctx.is_distributed:
         dist.barrier()

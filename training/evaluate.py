@@ -22,10 +22,10 @@ from torch import Tensor
 
 from training.checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
     config_from_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
+    write_json,
 )
 from training.data import DataError, load_data
 from training.model import VAE, iwae_log_likelihood
@@ -105,7 +105,7 @@ def evaluate_run(run_dir: Path, k: int, which: str = "best", device: str = "cpu"
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary["test"] = test
-    atomic_write_bytes(summary_path, lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    write_json(summary_path, summary)
     return test
 
 

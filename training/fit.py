@@ -38,10 +38,10 @@ from training import distributed as D
 from training.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
-    atomic_write_bytes,
     config_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    write_json,
 )
 from training.config import ConfigError, TrainConfig
 from training.data import DataError, DataSplits, load_data
@@ -118,7 +118,7 @@ def train_one_epoch(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x_tr
         opt.step()
         sum_log_lik += terms.log_lik.detach().double().sum()
         sum_kl += terms.kl.detach().double().sum()
-        if progress is not None:
+        if progress is not None and not progress.disable:
             progress.update(1)
             if step % 10 == 0 or step == steps - 1:
                 seen = min(len(shard), (step + 1) * per_rank_batch)
@@ -148,10 +148,6 @@ def checkpoint_state(vae: VAE, opt: torch.optim.Optimizer, config: TrainConfig, 
             "epochs_since_best": st.epochs_since_best,
             "image_shape": list(splits.image_shape) if splits.image_shape else None,
             "data_source": splits.source, "world_size": ctx.world_size}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def _read_history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
@@ -215,7 +211,7 @@ def _fit(config: TrainConfig, out: Path, resume: bool, progress: bool, ctx: D.Di
     x_train, x_val = splits.train.to(device), splits.val.to(device)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", config.to_dict())
+        write_json(out / "config.json", config.to_dict())
         metrics_file = out / "metrics.jsonl"
         metrics_file.write_text("".join(json.dumps(r) + "\n" for r in st.history))
     logger.info("%s; %s on %s; %d rank(s), batch %d per rank, global batch %d; %d parameters",
@@ -272,7 +268,7 @@ def _fit(config: TrainConfig, out: Path, resume: bool, progress: bool, ctx: D.Di
     D.barrier(ctx)  # every rank has finished its last checkpoint-visible step
     summary = _summary(config, splits, st, stopped_early, ctx, per_rank_batch, time.perf_counter() - t_start)
     if ctx.is_main:
-        _finish(out, summary, splits, device)
+        _finish(out, summary, splits, st.history)
     return summary
 
 
@@ -303,7 +299,7 @@ def _summary(config: TrainConfig, splits: DataSplits, st: RunState, stopped_earl
             "config": config.to_dict()}
 
 
-def _finish(out: Path, summary: dict[str, Any], splits: DataSplits, device: torch.device) -> None:
+def _finish(out: Path, summary: dict[str, Any], splits: DataSplits, history: list[dict[str, Any]]) -> None:
     """summary.json and the figures, from the best checkpoint."""
     from training import figures
     from training.checkpoint import model_from_checkpoint
@@ -313,10 +309,9 @@ def _finish(out: Path, summary: dict[str, Any], splits: DataSplits, device: torc
         old = json.loads(previous.read_text())
         if "test" in old and old.get("best_epoch") == summary["best_epoch"]:
             summary["test"] = old["test"]
-    _write_json(previous, summary)
+    write_json(previous, summary)
     best = model_from_checkpoint(load_checkpoint(out / "best.pt"), out / "best.pt")
-    figures.write_all(out, best, splits, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
-                                          if x.strip()], seed=summary["config"]["seed"])
+    figures.write_all(out, best, splits, history, seed=summary["config"]["seed"])
     logger.info("best val -ELBO %.3f at epoch %d; run directory %s", summary["best_val_neg_elbo"],
                 summary["best_epoch"], out)
 

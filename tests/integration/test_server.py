@@ -308,12 +308,15 @@ def test_a_request_whose_deadline_expires_in_the_queue_is_not_computed(slow_serv
             return code
 
     rows0 = slow_server.metric("vae_rows_total", model="encoder")
+    expired0 = slow_server.metric("vae_requests_total", method="Encode", code="DEADLINE_EXCEEDED")
     dropped0 = sum(slow_server.metric("vae_rejections_total", model="encoder", reason=r)
                    for r in ("deadline", "cancelled"))
     assert asyncio.run(go()) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert slow_server.metric("vae_rows_total", model="encoder") - rows0 == 2000  # the 3 late rows: never
     assert sum(slow_server.metric("vae_rejections_total", model="encoder", reason=r)
                for r in ("deadline", "cancelled")) == dropped0 + 1
+    # Counted under the status the client saw, not as a client cancellation.
+    assert slow_server.metric("vae_requests_total", method="Encode", code="DEADLINE_EXCEEDED") == expired0 + 1
 
 
 # -- health, reflection, metrics, lifecycle ---------------------------------------------------------

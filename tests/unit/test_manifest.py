@@ -62,6 +62,9 @@ def test_a_missing_manifest_says_how_to_make_one(tmp_path: Path) -> None:
     (lambda d: d["encoder"]["outputs"].pop(1), r"encoder output 'var': expected in the manifest"),
     (lambda d: d["decoder"]["inputs"][0].update(shape=[-1, 3]), r"decoder input 'z': expected float32 \[-1, 2\]"),
     (lambda d: d["normalization"].update(scale=[1.0]), "normalization.scale: expected a number or 4 numbers"),
+    (lambda d: d["decoder"]["outputs"].pop(1), r"decoder outputs: likelihood 'bernoulli' .* needs \['logits'\]"),
+    (lambda d: d.update(likelihood="gaussian", learned_variance=True),
+     r"decoder outputs: likelihood 'gaussian' \(learned_variance=True\) needs \['x_var'\]"),
 ])
 def test_a_malformed_manifest_names_the_field(tmp_path: Path, mutate: Any, message: str) -> None:
     d = copy.deepcopy(_manifest(tmp_path))
