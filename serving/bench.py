@@ -49,6 +49,7 @@ import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as oip_pb
 from serving._proto.vae.v1 import vae_service_pb2 as pb
+from serving.tensors import F32, to_tensor
 
 VAE = "/vae.v1.VaeService/"
 OIP_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -64,7 +65,6 @@ RPCS: dict[str, tuple[str, str]] = {
 MAX_DURATION_S = 600.0
 MAX_WARMUP_S = 60.0
 BOTTLENECK_CORES = 0.85  # generator event-loop thread this busy (of one core) => it is the limit
-F32 = np.dtype("<f4")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 Call = Callable[..., Awaitable[bytes]]
 
@@ -183,11 +183,11 @@ def build_requests(rpc: str, rows: int, example_shape: tuple[int, ...], latent_d
         z = rng.standard_normal((rows, latent_dim), dtype=np.float32)  # (B, d)
         msg: Any
         if rpc == "encode":
-            msg = pb.EncodeRequest(x=pb.Tensor(shape=x.shape, data=x.astype(F32).tobytes()))
+            msg = pb.EncodeRequest(x=to_tensor(x))
         elif rpc == "reconstruct":
-            msg = pb.ReconstructRequest(x=pb.Tensor(shape=x.shape, data=x.astype(F32).tobytes()))
+            msg = pb.ReconstructRequest(x=to_tensor(x))
         elif rpc == "decode":
-            msg = pb.DecodeRequest(z=pb.Tensor(shape=z.shape, data=z.astype(F32).tobytes()))
+            msg = pb.DecodeRequest(z=to_tensor(z))
         elif rpc == "sample":
             msg = pb.SampleRequest(count=rows)  # the server draws the seed
         elif rpc in ("infer-encoder", "infer-decoder"):

@@ -27,19 +27,7 @@ from google.protobuf.json_format import MessageToDict
 
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
-
-F32 = np.dtype("<f4")
-
-
-def to_tensor(a: np.ndarray) -> pb.Tensor:
-    """numpy array (any shape) -> Tensor of little-endian float32 bytes."""
-    a = np.ascontiguousarray(a, dtype=F32)
-    return pb.Tensor(shape=a.shape, data=a.tobytes())
-
-
-def from_tensor(t: pb.Tensor) -> np.ndarray:
-    """Tensor -> float32 numpy array (read-only view of the message bytes)."""
-    return np.frombuffer(t.data, dtype=F32).reshape(tuple(t.shape))
+from serving.tensors import F32, from_tensor, to_tensor
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from serving.config import ServeConfig
 from serving.errors import InvalidInput
 from serving.metrics import Metrics
 from serving.runtime import LoadedModel
+from serving.tensors import F32
 
 LOG_2PI = math.log(2.0 * math.pi)
-F32 = np.dtype("<f4")
 # ELBO terms of more elements than this are computed off the event loop.
 _INLINE_ELEMENTS = 1 << 16
 

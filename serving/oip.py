@@ -16,10 +16,11 @@ import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as pb
 from serving._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from serving.core import F32, VaeCore
+from serving.core import VaeCore
 from serving.errors import InvalidInput
 from serving.metrics import Metrics
 from serving.servicer import deadline_of, handle
+from serving.tensors import F32
 
 SERVER_NAME = "vae-serve"
 SERVER_VERSION = "0.1.0"

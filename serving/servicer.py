@@ -13,13 +13,13 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import grpc
-import numpy as np
 
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
-from serving.core import F32, VaeCore
+from serving.core import VaeCore
 from serving.errors import status_for
 from serving.metrics import Metrics
+from serving.tensors import to_tensor
 
 T = TypeVar("T")
 
@@ -57,11 +57,6 @@ async def handle(metrics: Metrics, method: str, context: grpc.aio.ServicerContex
         raise  # unreachable: abort raises
     done("OK")
     return result
-
-
-def to_tensor(a: np.ndarray) -> pb.Tensor:
-    """(any shape) array -> Tensor with little-endian float32 bytes."""
-    return pb.Tensor(shape=a.shape, data=np.ascontiguousarray(a, dtype=F32).tobytes())
 
 
 class VaeServicer(pb_grpc.VaeServiceServicer):

@@ -25,8 +25,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
-from serving.client import VaeClient, from_tensor, to_tensor
+from serving.client import VaeClient
 from serving.manifest import Manifest, load_manifest
+from serving.tensors import from_tensor, to_tensor
 from tests.integration._server import REPO, ServerProcess, start_server
 
 
