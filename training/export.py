@@ -97,6 +97,23 @@ def _export_graph(module: torch.nn.Module, example: torch.Tensor, input_name: st
                           dynamic_shapes=({0: batch},), external_data=False, optimize=True, verbose=False)
     if not path.is_file():
         raise ExportError(f"{path}: the exporter wrote no file")
+    _strip_source_paths(path)
+
+
+def _strip_source_paths(path: Path) -> None:
+    """Drop the exporter's per-node Python stack traces: they hold this checkout's absolute paths, which
+    would make the bytes, and so the manifest's content-derived version, differ between machines."""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    for item in (*g.node, *g.value_info, *g.input, *g.output, *g.initializer):
+        keep = [(p.key, p.value) for p in item.metadata_props if not p.key.endswith("stack_trace")]
+        if len(keep) != len(item.metadata_props):
+            del item.metadata_props[:]
+            for key, value in keep:
+                item.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
 
 
 def _tensor_specs(names: list[str], tail: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:

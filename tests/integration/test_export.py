@@ -157,3 +157,9 @@ def test_reexport_replaces_the_previous_export_in_one_step(trained_run_dir: Path
     assert json.loads((out / "model.json").read_text())["training"]["checkpoint"] == "checkpoint.pt"
     assert load_manifest(out).name == "vae-digits"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
+def test_exported_files_hold_no_path_of_this_checkout(exported_model_dir: Path) -> None:
+    # The version is derived from the bytes: a path baked in would make it differ between machines.
+    for name in ("encoder.onnx", "decoder.onnx"):
+        assert str(REPO).encode() not in (exported_model_dir / name).read_bytes(), name
