@@ -269,6 +269,9 @@ def _fit(config: TrainConfig, out: Path, resume: bool, progress: bool, ctx: D.Di
     summary = _summary(config, splits, st, stopped_early, ctx, per_rank_batch, time.perf_counter() - t_start)
     if ctx.is_main:
         _finish(out, summary, splits, st.history)
+    # Tear the process group down together: a gloo rank that destroys it and exits while rank 0 is still
+    # writing figures was seen to abort ("terminate called without an active exception").
+    D.barrier(ctx)
     return summary
 
 
