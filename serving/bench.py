@@ -49,6 +49,7 @@ import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as oip_pb
 from serving._proto.vae.v1 import vae_service_pb2 as pb
+from serving.config import write_ready_file
 from serving.tensors import F32, to_tensor
 
 VAE = "/vae.v1.VaeService/"
@@ -467,9 +468,7 @@ async def serve_null(host: str, port: int, ready_file: Path | None, stop_after_s
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     if ready_file is not None:
-        tmp = ready_file.with_name(ready_file.name + ".tmp")
-        tmp.write_text(json.dumps({"grpc_port": bound, "metrics_port": -1, "pid": os.getpid()}))
-        tmp.replace(ready_file)
+        write_ready_file(ready_file, bound, -1)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

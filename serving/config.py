@@ -9,6 +9,7 @@ command line wins over the environment, which wins over the default.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -131,3 +132,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--log-level", str.upper, "logging level", choices=LOG_LEVELS)
     add("--ready-file", _opt_path, "write JSON {grpc_port, metrics_port, pid} here once SERVING")
     return p
+
+
+def write_ready_file(path: Path, grpc_port: int, metrics_port: int) -> None:
+    """Atomically write the `--ready-file` JSON {grpc_port, metrics_port, pid}: a reader never sees half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}))
+    tmp.replace(path)

@@ -11,13 +11,10 @@ Shutdown on SIGTERM/SIGINT: health NOT_SERVING at once, new RPCs refused, in-fli
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,7 +26,7 @@ from serving._proto.inference import grpc_service_pb2 as oip_pb
 from serving._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
-from serving.config import ServeConfig
+from serving.config import ServeConfig, write_ready_file
 from serving.core import VaeCore
 from serving.metrics import Metrics
 from serving.oip import OipServicer
@@ -135,13 +132,6 @@ async def start(config: ServeConfig) -> RunningServer:
                 ", TLS" + (" + client auth" if config.tls_client_ca else "") if creds else "",
                 1e3 * (time.perf_counter() - t0))
     return running
-
-
-def write_ready_file(path: Path, grpc_port: int, metrics_port: int) -> None:
-    """Atomically write the ready file, so a reader never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}))
-    tmp.replace(path)
 
 
 async def serve(config: ServeConfig) -> int:

@@ -17,20 +17,19 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.integration._server import ServerProcess, start_server
+
 POLL_S = 15.0
 T = TypeVar("T")
 
@@ -82,30 +81,11 @@ def _listening_port(pid: int) -> int | None:
     return ports[0] if len(ports) == 1 else None
 
 
-@dataclass
-class Server:
-    target: str
-    metrics_port: int
-
-
 @pytest.fixture
-def server(exported_model_dir: Path, tmp_path: Path) -> Iterator[Server]:
-    ready = tmp_path / "ready.json"
-    log = (tmp_path / "server.log").open("wb")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "serving", "--model-dir", str(exported_model_dir),
-                             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                             "--ready-file", str(ready)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        def started() -> dict[str, int] | None:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited {proc.returncode}:\n{(tmp_path / 'server.log').read_text()}")
-            return json.loads(ready.read_text()) if ready.exists() else None
-        ports = _poll("the server's ready file", started, timeout_s=60)
-        yield Server(f"127.0.0.1:{ports['grpc_port']}", ports["metrics_port"])
-    finally:
-        _stop(proc)
-        log.close()
+def server(exported_model_dir: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    s = start_server(exported_model_dir, tmp_path / "server")
+    yield s
+    assert s.stop() == 0, s.log()
 
 
 class Prometheus:
@@ -158,10 +138,10 @@ class Prometheus:
 
 
 @pytest.fixture
-def prometheus_for(tmp_path: Path) -> Iterator[Callable[[Server], Prometheus]]:
+def prometheus_for(tmp_path: Path) -> Iterator[Callable[[ServerProcess], Prometheus]]:
     started: list[Prometheus] = []
 
-    def start(server: Server) -> Prometheus:
+    def start(server: ServerProcess) -> Prometheus:
         started.append(Prometheus(f"127.0.0.1:{server.metrics_port}", tmp_path))
         return started[-1]
     yield start
@@ -170,7 +150,7 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[[Server], Prometheus]]:
 
 
 def test_prometheus_sees_request_counts_latency_quantiles_and_batch_sizes(
-        server: Server, prometheus_for: Callable[[Server], Prometheus]) -> None:
+        server: ServerProcess, prometheus_for: Callable[[ServerProcess], Prometheus]) -> None:
     from serving.client import VaeClient
     from serving.metrics import LATENCY_BUCKETS_S
 
