@@ -21,13 +21,14 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
-	bash scripts/ensure_system_tools.sh
+	bash scripts/ensure_system_tools.sh prometheus promtool h2load
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 bench: $(STAMP)
+	bash scripts/ensure_system_tools.sh h2load
 	$(BIN)/python -m benchmarks.run
 
 lint: $(STAMP)

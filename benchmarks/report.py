@@ -291,6 +291,17 @@ def render(res: dict[str, Any]) -> None:
             out.append(f"| C={r['concurrency']} B={r['rows_per_request']} | {r['requests_per_s']:,.0f} | "
                        f"{r['rows_per_s']:,.0f} | {r['latency_ms']['p50']:.2f} | {sv['cpu_cores']:.2f} | "
                        f"{sv['cpu_us_per_request']:.0f} | {sv['cpu_us_per_row']:.1f} |")
+    floor = res.get("grpc_floor")
+    if floor:
+        out += ["", (f"Every way grpcio serves Python code, doing nothing (`{floor['command']}`, "
+                     f"benchmarks/grpc_floor.py): a do-nothing server of each kind on CPU 0, driven by h2load on "
+                     f"CPU 1 ({floor['requests']:,} single-row Encode requests, {floor['streams']} in flight on one "
+                     f"connection), median of {floor['rounds']} interleaved rounds. No Python gRPC server here can "
+                     f"spend less CPU per request than the best of these."), "",
+                "| server kind | server us CPU/req | req/s | rounds (us CPU/req) |", "| --- | --- | --- | --- |"]
+        for kind, r in floor["kinds"].items():
+            rounds = ", ".join(f"{v:.0f}" for v in r["server_cpu_us_per_request_rounds"])
+            out.append(f"| {kind} | {r['server_cpu_us_per_request']:.0f} | {r['requests_per_s']:,.0f} | {rounds} |")
     out += ["", ("The do-nothing Python gRPC server saturates CPU 0 at the rate above, so it, not the load "
                 "generator, is the limit there; the generator's own cost is the last column, and its ceiling on "
                 "one core is about 1e6 / that many requests/s."), ""]

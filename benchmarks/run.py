@@ -6,7 +6,8 @@
 
 Steps: train and export the reference-shaped model (MLP 784-400-20, MNIST test set, 3 epochs: enough
 for serving speed); the in-process ONNX Runtime ceiling; start-to-SERVING time and idle PSS (5 starts);
-the do-nothing server (the load generator's ceiling); the serving scenarios, Encode and Sample at
+the do-nothing server (the load generator's ceiling); do-nothing servers of each grpcio kind under
+h2load (benchmarks/grpc_floor.py, the floor under any Python gRPC server); the serving scenarios, Encode and Sample at
 C = 1, 8, 64 with B = 1 and C = 8 with B = 64, with batching on and with `--max-batch-size 1`, in
 `--rounds` interleaved rounds (medians reported, so other load on the machine hits both modes alike);
 py-spy on the server at C = 64 when py-spy is installed; the training loop benchmark
@@ -194,22 +195,22 @@ def h2load_ceiling(port: int, pid: int, n: int = 20000) -> dict[str, Any] | None
     """The same do-nothing server driven by h2load (C, nghttp2), if installed: the server's own ceiling."""
     if shutil.which("h2load") is None:
         return None
-    import struct
+    from benchmarks.grpc_floor import h2load_encode
 
-    from serving.bench import build_requests, proc_cpu_s
+    r = h2load_encode(port, pid, n, 64, WORK / "encode1.grpc")
+    return {k: r[k] for k in ("requests_per_s", "server_cpu_us_per_request", "command")}
 
-    body = WORK / "encode1.grpc"
-    msg = build_requests("encode", 1, (784,), 20, distinct=1)[0]
-    body.write_bytes(b"\0" + struct.pack(">I", len(msg)) + msg)  # gRPC length-prefixed message
-    cmd = pinned(1, ["h2load", "-n", str(n), "-c", "1", "-m", "64", "-d", str(body), "-H",
-                     "content-type: application/grpc", "-H", "te: trailers",
-                     f"http://127.0.0.1:{port}/vae.v1.VaeService/Encode"])
-    c0 = proc_cpu_s(pid)
-    out = sh(cmd, 120).stdout
-    cpu = proc_cpu_s(pid) - c0
-    line = next(ln for ln in out.splitlines() if ln.startswith("finished in"))
-    rps = float(line.split(",")[1].split()[0])
-    return {"requests_per_s": rps, "server_cpu_us_per_request": 1e6 * cpu / n, "command": " ".join(cmd)}
+
+def grpc_floor() -> dict[str, Any] | None:
+    """Do-nothing servers of every grpcio kind (aio on asyncio/uvloop, thread-pool), driven by h2load."""
+    if shutil.which("h2load") is None:
+        log("h2load not installed (scripts/ensure_system_tools.sh h2load): skipping the gRPC floor")
+        return None
+    cmd = [PY, "-m", "benchmarks.grpc_floor", "--out", str(RESULTS / "grpc_floor.json")]
+    sh(cmd, 1200)
+    res: dict[str, Any] = json.loads((RESULTS / "grpc_floor.json").read_text())
+    res["command"] = "python -m benchmarks.grpc_floor"
+    return res
 
 
 def serving_scenarios(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
@@ -367,6 +368,8 @@ def main() -> None:
     res["startup"] = startup(model_dir)
     log("do-nothing server (load generator ceiling)")
     res["null_server"] = null_ceiling(args.duration_s)
+    log("the gRPC floor: do-nothing servers of each grpcio kind under h2load")
+    res["grpc_floor"] = grpc_floor()
     res["serving"] = serving_scenarios(model_dir, args.rounds, args.duration_s)
     log("Encode C=1, batching vs --max-batch-size 1, alternating")
     res["c1_alternating"] = c1_alternating(model_dir)

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Installs the system tools the test suite uses (Debian packages), when they are missing and we can.
+# Installs system tools (Debian packages) when they are missing and we can.
+#   scripts/ensure_system_tools.sh            # what the test suite uses: prometheus, promtool
+#   scripts/ensure_system_tools.sh h2load     # what `make bench` adds (benchmarks/grpc_floor.py)
 #   prometheus, promtool  <- Debian package `prometheus` (tests/integration/test_deploy.py, test_prometheus.py)
+#   h2load                <- Debian package `nghttp2-client` (benchmarks/grpc_floor.py, benchmarks/run.py)
 # Idempotent and fast when everything is present (no apt call at all). Installs only as root with
 # apt-get (CI containers); elsewhere it prints what is missing and the tests that need it skip, saying why.
 # Note: on a host running systemd, installing the package also starts a prometheus service on :9090;
 # the tests never use fixed ports, so they do not collide with it.
 set -euo pipefail
 
-declare -A PACKAGE_OF=([prometheus]=prometheus [promtool]=prometheus)
+declare -A PACKAGE_OF=([prometheus]=prometheus [promtool]=prometheus [h2load]=nghttp2-client)
+tools=("$@")
+[[ ${#tools[@]} -eq 0 ]] && tools=(prometheus promtool)
 
 missing_tools=()
-for tool in "${!PACKAGE_OF[@]}"; do
+for tool in "${tools[@]}"; do
+  [[ -n "${PACKAGE_OF[$tool]:-}" ]] || { echo "ensure_system_tools: unknown tool $tool" >&2; exit 2; }
   command -v "$tool" >/dev/null 2>&1 || missing_tools+=("$tool")
 done
 [[ ${#missing_tools[@]} -eq 0 ]] && exit 0
@@ -18,7 +24,7 @@ done
 mapfile -t packages < <(for t in "${missing_tools[@]}"; do echo "${PACKAGE_OF[$t]}"; done | sort -u)
 if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
   echo "ensure_system_tools: missing ${missing_tools[*]} (Debian: apt-get install ${packages[*]});" \
-       "tests that need them will be skipped" >&2
+       "what needs them will be skipped" >&2
   exit 0
 fi
 

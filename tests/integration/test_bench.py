@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,19 @@ def test_an_open_loop_run_against_the_real_server(server: ServerProcess) -> None
 def test_a_remote_target_is_refused_before_anything_is_sent() -> None:
     proc = bench("--target", "192.0.2.1:50051", "--duration-s", "1")
     assert proc.returncode == 2 and "only loopback" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None,
+                    reason="h2load missing (Debian nghttp2-client; `make test` installs it as root)")
+def test_the_grpc_floor_measures_do_nothing_servers_of_each_kind_with_h2load(tmp_path: Path) -> None:
+    out = tmp_path / "floor.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.grpc_floor", "--kinds", "aio-uvloop", "sync-4",
+                           "--rounds", "1", "--requests", "400", "--streams", "16", "--out", str(out)],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert list(res["kinds"]) == ["aio-uvloop", "sync-4"] and res["requests"] == 400
+    for r in res["kinds"].values():
+        assert r["server_cpu_us_per_request"] > 0 and r["requests_per_s"] > 0
+        assert r["server_cpu_us_per_request_rounds"] == [r["server_cpu_us_per_request"]]
+    assert "aio-uvloop" in proc.stdout and "us CPU/request" in proc.stdout
