@@ -65,6 +65,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
     def __init__(self, core: VaeCore, metrics: Metrics) -> None:
         self.core = core
         self.metrics = metrics
+        self._info_response: pb.GetModelInfoResponse | None = None  # built on first use; never changes
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         return await handle(self.metrics, "Encode", context, self._encode(request, context))
@@ -108,4 +109,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         return await handle(self.metrics, "GetModelInfo", context, self._info())
 
     async def _info(self) -> pb.GetModelInfoResponse:
-        return pb.GetModelInfoResponse(**self.core.info(), manifest_json=json.dumps(self.core.manifest.raw))
+        if self._info_response is None:
+            self._info_response = pb.GetModelInfoResponse(**self.core.info(),
+                                                          manifest_json=json.dumps(self.core.manifest.raw))
+        return self._info_response
