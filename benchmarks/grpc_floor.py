@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import signal
 import statistics
@@ -40,16 +39,12 @@ from typing import Any
 
 import grpc
 
+from benchmarks.run import PIN, pinned
 from serving.bench import build_requests, proc_cpu_s
 from serving.config import write_ready_file
 
 KINDS: tuple[str, ...] = ("aio-asyncio", "aio-uvloop", "sync-1", "sync-4", "sync-16", "sync-64")
-PIN = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 ENCODE_PATH = "/vae.v1.VaeService/Encode"
-
-
-def pinned(cpu: int, cmd: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *cmd] if PIN else cmd
 
 
 # -- the servers ---------------------------------------------------------------------------------------

@@ -206,9 +206,7 @@ def grpc_floor() -> dict[str, Any] | None:
     if shutil.which("h2load") is None:
         log("h2load not installed (scripts/ensure_system_tools.sh h2load): skipping the gRPC floor")
         return None
-    cmd = [PY, "-m", "benchmarks.grpc_floor", "--out", str(RESULTS / "grpc_floor.json")]
-    sh(cmd, 1200)
-    res: dict[str, Any] = json.loads((RESULTS / "grpc_floor.json").read_text())
+    res: dict[str, Any] = json.loads(sh([PY, "-m", "benchmarks.grpc_floor"], 1200).stdout.strip().splitlines()[-1])
     res["command"] = "python -m benchmarks.grpc_floor"
     return res
 

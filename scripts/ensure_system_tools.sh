@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs system tools (Debian packages) when they are missing and we can.
-#   scripts/ensure_system_tools.sh            # what the test suite uses: prometheus, promtool
-#   scripts/ensure_system_tools.sh h2load     # what `make bench` adds (benchmarks/grpc_floor.py)
+#   scripts/ensure_system_tools.sh TOOL...    # `make test`: prometheus promtool h2load; `make bench`: h2load
+#   scripts/ensure_system_tools.sh            # with no argument: prometheus promtool
 #   prometheus, promtool  <- Debian package `prometheus` (tests/integration/test_deploy.py, test_prometheus.py)
-#   h2load                <- Debian package `nghttp2-client` (benchmarks/grpc_floor.py, benchmarks/run.py)
+#   h2load                <- Debian package `nghttp2-client` (benchmarks/grpc_floor.py and its test)
 # Idempotent and fast when everything is present (no apt call at all). Installs only as root with
 # apt-get (CI containers); elsewhere it prints what is missing and the tests that need it skip, saying why.
 # Note: on a host running systemd, installing the package also starts a prometheus service on :9090;
