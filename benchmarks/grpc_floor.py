@@ -32,14 +32,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from benchmarks.run import PIN, pinned
+from benchmarks.run import PIN, WORK, Server, pinned
 from serving.bench import build_requests, proc_cpu_s
 from serving.config import write_ready_file
 
@@ -124,31 +123,19 @@ def h2load_encode(port: int, pid: int, requests: int, streams: int, body: Path) 
 
 
 def measure(kind: str, requests: int, streams: int, work: Path) -> dict[str, Any]:
-    """Start a `kind` server pinned to CPU 0, warm it up, drive it once, stop it."""
-    ready = work / f"{kind}.ready.json"
-    ready.unlink(missing_ok=True)
-    proc = subprocess.Popen(pinned(0, [sys.executable, "-m", "benchmarks.grpc_floor", "--serve", kind,
-                                       "--ready-file", str(ready)]))
+    """Start a `kind` server pinned to CPU 0 (benchmarks.run.Server), warm it up, drive it once, stop it."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    server = Server([sys.executable, "-m", "benchmarks.grpc_floor", "--serve", kind], f"floor-{kind}")
     try:
-        t0 = time.monotonic()
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() - t0 > 60:
-                raise RuntimeError(f"{kind} server did not start (exit {proc.poll()})")
-            time.sleep(0.01)
-        info = json.loads(ready.read_text())
+        port, pid = server.info["grpc_port"], server.info["pid"]
         body = work / "encode1.grpc"
-        h2load_encode(info["grpc_port"], info["pid"], min(2000, requests), streams, body)  # warm-up
-        r = h2load_encode(info["grpc_port"], info["pid"], requests, streams, body)
+        h2load_encode(port, pid, min(2000, requests), streams, body)  # warm-up
+        r = h2load_encode(port, pid, requests, streams, body)
         if r["http_2xx"] != requests:
             raise RuntimeError(f"{kind}: {r['http_2xx']} of {requests} requests answered")
         return r
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def run(kinds: list[str], rounds: int, requests: int, streams: int) -> dict[str, Any]:
