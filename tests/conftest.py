@@ -23,6 +23,13 @@ def run_module(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[
     return proc
 
 
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    """Corrupt a file in place: invert one byte (the middle one unless `offset` says), size unchanged."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if offset is None else offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 @pytest.fixture(scope="session")
 def trained_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small VAE trained on digits for a few epochs with `python -m training.fit`, then evaluated."""

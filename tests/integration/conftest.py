@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import MNIST_DIR, REPO
+from tests.integration._server import ServerProcess, start_server
 
 REPO_ROOT = REPO
 
@@ -40,6 +42,14 @@ def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
     """`python -m ARGS` from the repo root; the caller checks the exit status."""
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=python_env(), text=True,
                           capture_output=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def server(exported_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The real server on the session's export, one per test module; it must exit 0 when stopped."""
+    s = start_server(exported_model_dir, tmp_path_factory.mktemp("server"))
+    yield s
+    assert s.stop() == 0, s.log()
 
 
 @pytest.fixture
