@@ -44,6 +44,7 @@ class ServeConfig:
     grace_period_s: float = 10.0
     drain_delay_s: float = 2.0
     max_concurrent_rpcs: int = 4096
+    max_connection_age_s: float = 300.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -65,6 +66,7 @@ class ServeConfig:
             ("grace_period_s", self.grace_period_s >= 0, "a number >= 0"),
             ("drain_delay_s", self.drain_delay_s >= 0, "a number >= 0"),
             ("max_concurrent_rpcs", self.max_concurrent_rpcs >= 0, "an integer >= 0 (0 = no limit)"),
+            ("max_connection_age_s", self.max_connection_age_s >= 0, "a number >= 0 (0 = no limit)"),
             ("metrics_tls", not self.metrics_tls or self.tls_cert is not None,
              "only with --tls-cert and --tls-key (the metrics port uses the same files)"),
             ("log_level", self.log_level in LOG_LEVELS, f"one of {LOG_LEVELS}"),
@@ -153,6 +155,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--grace-period-s", float, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
     add("--drain-delay-s", float, "on SIGTERM, seconds of serving on after health turns NOT_SERVING, before "
                                   "new RPCs are refused (load balancers stop sending meanwhile); SIGINT skips it")
+    add("--max-connection-age-s", float, "close each client connection after this long (GOAWAY; its RPCs get "
+                                         "--grace-period-s): spreads reconnects over replicas and ends calls a "
+                                         "client left open without a message (0 = never)")
     add("--max-concurrent-rpcs", int, "RPCs handled at once, over all connections, before RESOURCE_EXHAUSTED "
                                       "(0 = no limit)")
     add("--tls-cert", _opt_path, "server certificate chain (PEM); enables TLS")

@@ -141,12 +141,18 @@ async def start(config: ServeConfig) -> RunningServer:
     server: grpc.aio.Server | None = None
     metrics_server: MetricsServer | None = None
     try:
-        server = grpc.aio.server(options=[
+        options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
             ("grpc.so_reuseport", 0),
-        ], maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+        ]
+        if config.max_connection_age_s > 0:
+            # grpc.aio never answers a unary call whose client half-closes without sending a message
+            # (its handler returns without a status); only the connection's end frees such calls.
+            options += [("grpc.max_connection_age_ms", int(1e3 * config.max_connection_age_s)),
+                        ("grpc.max_connection_age_grace_ms", int(1e3 * config.grace_period_s))]
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
         add_service(server, servicer.SERVICE, servicer.VaeServicer(core, metrics), config.max_message_bytes)
         add_service(server, oip.SERVICE, oip.OipServicer(core, metrics), config.max_message_bytes)
         health_servicer = Health()
