@@ -169,9 +169,8 @@ def small_limit_server(exported_model_dir: Path, tmp_path_factory: pytest.TempPa
 def test_a_body_that_does_not_parse_is_invalid_argument_counted_and_not_logged_as_a_crash(
         server: ServerProcess, body: bytes) -> None:
     before = server.metric("vae_requests_total", method="Encode", code="INVALID_ARGUMENT")
-    with grpc.insecure_channel(server.target) as ch:
-        with pytest.raises(grpc.RpcError) as e:
-            ch.unary_unary(ENCODE)(body, timeout=10)  # raw bytes: no serializer
+    with grpc.insecure_channel(server.target) as ch, pytest.raises(grpc.RpcError) as e:
+        ch.unary_unary(ENCODE)(body, timeout=10)  # raw bytes: no serializer
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = e.value.details() or ""
     assert "request: expected a serialized vae.v1.EncodeRequest" in details and len(details) < 200
@@ -225,9 +224,9 @@ def test_an_answer_over_the_message_limit_is_refused_before_compute_and_counted_
     m = load_manifest(exported_model_dir)
     req = make(m.latent_dim, m.example_shape)  # type: ignore[operator]
     rows0 = small_limit_server.metric("vae_rows_total", model="decoder")
-    with grpc.insecure_channel(small_limit_server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-        with pytest.raises(grpc.RpcError) as e:
-            getattr(pb_grpc.VaeServiceStub(ch), method)(req, timeout=30)
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    with grpc.insecure_channel(small_limit_server.target, options=options) as ch, pytest.raises(grpc.RpcError) as e:
+        getattr(pb_grpc.VaeServiceStub(ch), method)(req, timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "over --max-message-bytes 1,048,576" in (e.value.details() or "")
     assert small_limit_server.metric("vae_rows_total", model="decoder") == rows0  # nothing was computed
@@ -242,9 +241,8 @@ def test_an_answer_that_grows_past_the_limit_is_counted_with_the_code_sent(
     req = oip_pb.ModelInferRequest(model_name="decoder")
     t = req.inputs.add(name="z", datatype="FP32", shape=[rows, m.latent_dim])
     t.contents.fp32_contents.extend([0.0] * (rows * m.latent_dim))
-    with grpc.insecure_channel(small_limit_server.target) as ch:
-        with pytest.raises(grpc.RpcError) as e:
-            oip_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+    with grpc.insecure_channel(small_limit_server.target) as ch, pytest.raises(grpc.RpcError) as e:
+        oip_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert small_limit_server.metric("vae_requests_total", method="ModelInfer", code="OK") == 0
     assert small_limit_server.metric("vae_requests_total", method="ModelInfer", code="RESOURCE_EXHAUSTED") >= 1
