@@ -72,7 +72,7 @@ class _Request:
         self.taken = 0
         self.deadline = deadline
         self.t_enqueue = t_enqueue
-        self.parts: list[Outputs] | None = None  # only for requests split across batches
+        self.parts: Outputs | None = None  # the whole outputs of a request split across batches
 
 
 # (request, first row, row count): a slice of one request inside a batch.
@@ -288,16 +288,17 @@ class Batcher:
                     f"row {row}, whose {self.name} outputs overflow float32 (NaN or Inf)", self.name))
                 req.parts = None
             if not req.fut.done():
-                part = [o[offset:end] for o in outs]
                 if start == 0 and count == req.n:
-                    req.fut.set_result(part)
+                    req.fut.set_result([o[offset:end] for o in outs])
                 else:
+                    # A split request: its outputs are allocated once and filled batch by batch (one
+                    # copy; collecting parts and concatenating them would hold each output twice).
                     if req.parts is None:
-                        req.parts = []
-                    req.parts.append(part)
+                        req.parts = [np.empty((req.n, *o.shape[1:]), dtype=o.dtype) for o in outs]
+                    for whole, o in zip(req.parts, outs):
+                        whole[start:start + count] = o[offset:end]
                     if start + count == req.n:
-                        req.fut.set_result([np.concatenate([p[k] for p in req.parts])
-                                            for k in range(len(outs))])
+                        req.fut.set_result(req.parts)
                         req.parts = None
             offset = end
 

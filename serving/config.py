@@ -40,7 +40,8 @@ class ServeConfig:
     max_queue_delay_us: int = 500
     max_queue_rows: int = 16384
     max_sample_count: int = 4096
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_inflight_bytes: int = 256 * 1024 * 1024
     grace_period_s: float = 10.0
     drain_delay_s: float = 2.0
     max_concurrent_rpcs: int = 4096
@@ -63,6 +64,7 @@ class ServeConfig:
              f"an integer >= max_batch_size ({self.max_batch_size})"),
             ("max_sample_count", self.max_sample_count >= 1, "an integer >= 1"),
             ("max_message_bytes", self.max_message_bytes >= 1024, "an integer >= 1024"),
+            ("max_inflight_bytes", self.max_inflight_bytes >= 0, "an integer >= 0 (0 = no limit)"),
             ("grace_period_s", self.grace_period_s >= 0, "a number >= 0"),
             ("drain_delay_s", self.drain_delay_s >= 0, "a number >= 0"),
             ("max_concurrent_rpcs", self.max_concurrent_rpcs >= 0, "an integer >= 0 (0 = no limit)"),
@@ -152,6 +154,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--max-queue-rows", int, "queued rows per model before RESOURCE_EXHAUSTED")
     add("--max-sample-count", int, "largest Sample count")
     add("--max-message-bytes", int, "largest gRPC message received or sent")
+    add("--max-inflight-bytes", int, "budget of request and response bytes (times the copies each needs) "
+                                     "held by RPCs at once; over it, RESOURCE_EXHAUSTED (0 = no limit)")
     add("--grace-period-s", float, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
     add("--drain-delay-s", float, "on SIGTERM, seconds of serving on after health turns NOT_SERVING, before "
                                   "new RPCs are refused (load balancers stop sending meanwhile); SIGINT skips it")

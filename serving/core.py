@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from serving.batcher import Batcher
+from serving.budget import RESPONSE_COPIES, current_lease
 from serving.config import ServeConfig
 from serving.errors import InvalidInput, ResponseTooLarge
 from serving.metrics import Metrics
@@ -103,14 +104,19 @@ class VaeCore:
             raise InvalidInput(field, "finite values", f"NaN or Inf in row {bad}", model)
         return arr
 
-    def check_response_size(self, field: str, rows: int, floats_per_row: int) -> None:
-        """Refuse, before any compute, a request whose answer cannot fit in --max-message-bytes."""
+    def check_response_size(self, field: str, rows: int, floats_per_row: int, work_floats_per_row: int = 0) -> None:
+        """Refuse, before any compute, a request whose answer cannot fit in --max-message-bytes, then
+        reserve its answer (plus `work_floats_per_row` of outputs it needs but does not return) on the
+        RPC's lease of the bytes-in-flight budget."""
         limit = self.config.max_message_bytes
         size = 4 * rows * floats_per_row + _RESPONSE_OVERHEAD_BYTES
         if size > limit:
             fit = max(0, (limit - _RESPONSE_OVERHEAD_BYTES) // (4 * floats_per_row))
             raise ResponseTooLarge(f"{field}: {rows} rows make a response of about {size:,} bytes, over "
                                    f"--max-message-bytes {limit:,}; at most {fit} rows fit in one response")
+        lease = current_lease.get()
+        if lease is not None:
+            lease.reserve(RESPONSE_COPIES * (size + 4 * rows * work_floats_per_row), field)
 
     def floats_per_row(self, model: str, outputs: Sequence[str] | None = None) -> int:
         """float32 values per row in the named outputs of `model` (default: all of them)."""
@@ -123,19 +129,22 @@ class VaeCore:
                   outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run `model` on its validated input; the named outputs (default: every one the manifest
         declares), by name."""
-        self.check_response_size(self.graphs[model].input.name, x.shape[0], self.floats_per_row(model, outputs))
+        returned = self.floats_per_row(model, outputs)
+        self.check_response_size(self.graphs[model].input.name, x.shape[0], returned,
+                                 self.floats_per_row(model) - returned)
         outs = await self.batchers[model].submit(x, deadline)
         return {n: outs[i] for n, i in self._index[model].items() if outputs is None or n in outputs}
 
     async def encode(self, x: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """x (N, *example_shape) -> mu (N, d), var (N, d)."""
-        self.check_response_size("x", x.shape[0], 2 * self.latent_dim)
+        self.check_response_size("x", x.shape[0], 2 * self.latent_dim, self.latent_dim)  # + logvar
         outs = await self.encoder.submit(x, deadline)
         return outs[self._i_mu], outs[self._i_var]
 
     async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """z (N, d) -> x_mean (N, *example_shape)."""
-        self.check_response_size("z", z.shape[0], self.manifest.example_size)
+        x_size = self.manifest.example_size
+        self.check_response_size("z", z.shape[0], x_size, self.floats_per_row("decoder") - x_size)
         outs = await self.decoder.submit(z, deadline)
         return outs[self._i_mean]
 
@@ -161,14 +170,18 @@ class VaeCore:
         """-> x (count, *example_shape), z (count, d), the seed used. The response carries z only when
         `return_z` (which only sizes the response check here)."""
         z, used = self.sample_z(count, seed, temperature)
-        self.check_response_size("count", count, self.manifest.example_size + (self.latent_dim if return_z else 0))
+        x_size = self.manifest.example_size
+        self.check_response_size("count", count, x_size + (self.latent_dim if return_z else 0),
+                                 self.floats_per_row("decoder") - x_size)
         outs = await self.decoder.submit(z, deadline)
         return outs[self._i_mean], z, used
 
     async def reconstruct(self, x: np.ndarray, use_mean: bool = True, seed: int | None = None,
                           deadline: float | None = None) -> Reconstruction:
         """Encode, take z = mu (or mu + sigma * eps), decode; with per-example ELBO terms."""
-        self.check_response_size("x", x.shape[0], self.manifest.example_size + 2)
+        # Returned: x_hat and the two ELBO terms; made on the way: every encoder and decoder output.
+        self.check_response_size("x", x.shape[0], self.manifest.example_size + 2,
+                                 self.floats_per_row("encoder") + self.floats_per_row("decoder"))
         enc = await self.encoder.submit(x, deadline)
         mu, var = enc[self._i_mu], enc[self._i_var]
         used = 0

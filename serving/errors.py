@@ -4,6 +4,7 @@
     ├── InvalidInput             INVALID_ARGUMENT: the message names the field, expected and got
     ├── QueueFull                RESOURCE_EXHAUSTED: the model's bounded queue has no room
     ├── ResponseTooLarge         RESOURCE_EXHAUSTED: the answer would exceed --max-message-bytes
+    ├── MemoryBusy               RESOURCE_EXHAUSTED: the bytes in flight would exceed --max-inflight-bytes
     ├── DeadlineExpired          DEADLINE_EXCEEDED: the deadline passed while the request queued
     ├── ShuttingDown             UNAVAILABLE: the server is draining
     └── StartupError             not an RPC error: the server refuses to start (bad model, providers)
@@ -62,6 +63,11 @@ class ResponseTooLarge(ServeError):
     known from the request."""
 
 
+class MemoryBusy(ServeError):
+    """Admitting the request would put more than --max-inflight-bytes of request and response data in
+    flight; retry later (or elsewhere)."""
+
+
 class DeadlineExpired(ServeError):
     """The request's deadline passed while it waited in the queue; it was not computed."""
 
@@ -78,6 +84,7 @@ STATUS_TABLE: dict[type[ServeError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ResponseTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    MemoryBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }

@@ -10,7 +10,8 @@ so that, in one place and the same way for every RPC (probes included):
   `--max-message-bytes` (grpcio would fail it after the handler returned, with OK in the metrics);
 - the outcome is counted (`vae_requests_total{method, code}` with the code actually sent, latency,
   in-flight) and any exception becomes its status code through `serving.errors.status_for`;
-- an InvalidInput that names its model counts in `vae_rejections_total{reason="invalid"}`.
+- an InvalidInput that names its model counts in `vae_rejections_total{reason="invalid"}`;
+- the RPC holds a lease on the bytes-in-flight budget (`serving.budget`) for its request and response.
 
 Streaming methods of a service are left to the adapter (none are served yet: grpcio answers
 UNIMPLEMENTED for them).
@@ -28,6 +29,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from serving.budget import REQUEST_COPIES, InflightBudget, current_lease
 from serving.errors import InvalidInput, ResponseTooLarge, status_for, status_for_cancelled
 from serving.metrics import MethodMetrics, Metrics
 
@@ -47,7 +49,8 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: Metrics,
-           max_response_bytes: int) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+           max_response_bytes: int, budget: InflightBudget
+           ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
     parse = GetMessageClass(method.input_type).FromString
     name = method.name
     request_type = method.input_type.full_name
@@ -55,7 +58,10 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
     async def handler(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         mm.started()
         t0 = time.perf_counter()
+        lease = budget.lease()
+        token = current_lease.set(lease)
         try:
+            lease.reserve(REQUEST_COPIES * len(data), "request")
             try:
                 request = parse(data)
             except DecodeError:
@@ -75,6 +81,9 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
             mm.finished(code.name, time.perf_counter() - t0)
             await context.abort(code, message)
             raise  # unreachable: abort raises
+        finally:
+            lease.release()
+            current_lease.reset(token)
         mm.finished("OK", time.perf_counter() - t0)
         return out
 
@@ -82,7 +91,7 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
 
 
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, adapter: Adapter,
-                max_response_bytes: int) -> None:
+                max_response_bytes: int, budget: InflightBudget) -> None:
     """Register every unary RPC of `service` on `server`, served by the adapter's method of that name."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
@@ -93,6 +102,6 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, adapter: Ad
             raise TypeError(f"{type(adapter).__name__} does not implement {service.full_name}.{method.name}")
         mm = adapter.metrics.method_metrics(method.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _unary(method, impl, mm, adapter.metrics, max_response_bytes))  # bytes in, bytes out
+            _unary(method, impl, mm, adapter.metrics, max_response_bytes, budget))  # bytes in, bytes out
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving import oip, servicer
+from serving.budget import InflightBudget
 from serving.config import ServeConfig, write_ready_file
 from serving.core import VaeCore
 from serving.errors import StartupError
@@ -153,8 +154,10 @@ async def start(config: ServeConfig) -> RunningServer:
             options += [("grpc.max_connection_age_ms", int(1e3 * config.max_connection_age_s)),
                         ("grpc.max_connection_age_grace_ms", int(1e3 * config.grace_period_s))]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
-        add_service(server, servicer.SERVICE, servicer.VaeServicer(core, metrics), config.max_message_bytes)
-        add_service(server, oip.SERVICE, oip.OipServicer(core, metrics), config.max_message_bytes)
+        budget = InflightBudget(config.max_inflight_bytes)
+        for service, adapter in ((servicer.SERVICE, servicer.VaeServicer(core, metrics)),
+                                 (oip.SERVICE, oip.OipServicer(core, metrics))):
+            add_service(server, service, adapter, config.max_message_bytes, budget)
         health_servicer = Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
