@@ -86,7 +86,8 @@ class LocalServer:
         return self.log_path.read_text(errors="replace")
 
     def metrics_text(self) -> str:
-        return urllib.request.urlopen(f"http://localhost:{self.metrics_port}/metrics", timeout=10).read().decode()
+        with urllib.request.urlopen(f"http://localhost:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()  # type: ignore[no-any-return]
 
     def metrics(self) -> Samples:
         """Every sample on /metrics, keyed by (name, sorted labels)."""

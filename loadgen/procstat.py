@@ -63,7 +63,8 @@ def scrape_counters(metrics_port: int, names: tuple[str, ...] = ("vae_batches_to
                     ) -> dict[str, float]:
     """{"name{labels}": value} for the named counters on the server's /metrics; {} if unreachable."""
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
     except OSError:
         return {}
     out = {}

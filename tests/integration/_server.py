@@ -7,6 +7,7 @@ helper is `loadgen.process.LocalServer`, shared with `make bench`.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from tests.conftest import REPO
 
 ServerProcess = LocalServer
 
-__all__ = ["REPO", "ServerProcess", "serving_cmd", "start_server"]
+__all__ = ["REPO", "ServerProcess", "serving_cmd", "start_failure", "start_server"]
 
 
 def start_server(model_dir: Path, workdir: Path, *flags: str, timeout: float = 60) -> LocalServer:
@@ -25,3 +26,9 @@ def start_server(model_dir: Path, workdir: Path, *flags: str, timeout: float = 6
         return LocalServer.start(serving_cmd(model_dir, *flags), workdir, timeout_s=timeout, cwd=REPO)
     except ServerStartError as e:
         pytest.fail(str(e))
+
+
+def start_failure(model_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`python -m serving` expected to refuse to start: its exit status and output, for the test to check."""
+    return subprocess.run([*serving_cmd(model_dir, "--metrics-port", "-1"), *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)

@@ -29,7 +29,7 @@ from serving.client import VaeClient
 from serving.manifest import Manifest, load_manifest
 from serving.tensors import from_tensor, to_tensor
 from tests.conftest import flip_byte
-from tests.integration._server import REPO, ServerProcess, serving_cmd, start_server
+from tests.integration._server import REPO, ServerProcess, serving_cmd, start_failure, start_server
 
 
 class Direct:
@@ -394,24 +394,18 @@ def test_sigterm_under_load_finishes_every_in_flight_request_goes_not_serving_an
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def _start_failure(model_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--port", "0",
-                           "--metrics-port", "-1", *flags], cwd=REPO, capture_output=True, text=True,
-                          timeout=60, check=False)
-
-
 def test_a_tampered_model_file_stops_start_up_with_a_clear_error(exported_model_dir: Path,
                                                                  tmp_path: Path) -> None:
     bad = tmp_path / "exported"
     shutil.copytree(exported_model_dir, bad)
     flip_byte(bad / "decoder.onnx")
-    proc = _start_failure(bad)
+    proc = start_failure(bad)
     assert proc.returncode == 1
     assert "files.decoder" in proc.stderr and "sha256" in proc.stderr and "modified or corrupted" in proc.stderr
 
 
 def test_a_missing_model_dir_stops_start_up_with_a_clear_error(tmp_path: Path) -> None:
-    proc = _start_failure(tmp_path / "nothing")
+    proc = start_failure(tmp_path / "nothing")
     assert proc.returncode == 1 and "no manifest" in proc.stderr
 
 
@@ -473,6 +467,29 @@ def test_mutual_tls_serves_clients_with_a_certificate_and_refuses_others(exporte
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         with VaeClient(s.target, timeout_s=5) as c, pytest.raises(grpc.RpcError):
             c.info()  # plaintext to a TLS port
+    finally:
+        assert s.stop() == 0
+
+
+def test_metrics_over_tls_need_a_client_certificate_when_the_grpc_port_does(exported_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    import ssl
+    import urllib.request
+
+    pki = _make_pki(tmp_path)
+    s = start_server(exported_model_dir, tmp_path / "srv", "--tls-cert", str(pki["server.pem"]),
+                     "--tls-key", str(pki["server.key"]), "--tls-client-ca", str(pki["ca.pem"]), "--metrics-tls")
+    try:
+        url = f"https://localhost:{s.metrics_port}/metrics"
+        ctx = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+        ctx.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
+        with urllib.request.urlopen(url, context=ctx, timeout=10) as r:
+            assert "vae_requests_total" in r.read().decode()
+        anonymous = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            urllib.request.urlopen(url, context=anonymous, timeout=10).read()
+        with pytest.raises(OSError):  # plain HTTP to the TLS metrics port
+            urllib.request.urlopen(f"http://localhost:{s.metrics_port}/metrics", timeout=10).read()
     finally:
         assert s.stop() == 0
 
