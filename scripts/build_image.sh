@@ -12,6 +12,7 @@
 #                         nor pullable is replaced by a local substitute built with mmdebstrap (Debian 12,
 #                         Python 3.11: the same minor as the images the Dockerfile names), once: a substitute
 #                         already in local storage is reused. CUDA_IMAGE has no substitute (see deploy/README.md).
+#   WHEEL_PYTHON          CPython minor of the wheelhouse; default 3.11 (cpu) / 3.12 (gpu: Ubuntu 24.04)
 #   WHEELHOUSE=auto|off   auto (default): the host's pip (its index, CA bundle and proxy configuration) downloads
 #                         the image's wheels into deploy/wheelhouse/ and the build installs them with --no-index;
 #                         off: pip inside the build reaches the index itself (needs a CA the container trusts).
@@ -116,8 +117,9 @@ fi
 # ---- wheelhouse: the image's wheels, downloaded by the host's pip ------------------------------------
 if [[ $WHEELHOUSE == auto ]]; then
   ort=${ONNXRUNTIME_VERSION:-$(dockerfile_arg ONNXRUNTIME_VERSION)}
-  # The CPU image runs Debian 12's CPython 3.11; the GPU image Ubuntu 24.04's 3.12.
+  # The CPU image runs Debian 12's CPython 3.11; the GPU image Ubuntu 24.04's 3.12 (WHEEL_PYTHON for another base).
   pyver=3.11; [[ $TARGET == gpu ]] && pyver=3.12
+  pyver=${WHEEL_PYTHON:-$pyver}
   req=$(mktemp); trap 'rm -f "$req"' EXIT
   python3 deploy/serve_requirements.py --variant "$TARGET" --onnxruntime-version "$ort" >"$req"
   step "wheelhouse: pip download (host configuration) for CPython $pyver manylinux x86_64 -> deploy/wheelhouse/"
