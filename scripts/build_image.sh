@@ -3,8 +3,8 @@
 #   bash scripts/build_image.sh [cpu|gpu]        # `make image` / `make image-gpu`: -> vae-serve:cpu | vae-serve:gpu
 #
 # Environment (all optional):
-#   MODEL_DIR=exported    bake that export into /models (the context is allow-listed: it must be exported/)
-#   IMAGE_TAG             default vae-serve:<target>
+#   MODEL_DIR=DIR         bake that export into /models (staged as build/image-model/ in the context)
+#   IMAGE_TAG             default vae-serve:<target>, or vae-serve:<target>-<model version> with MODEL_DIR
 #   ENGINE                docker | podman | buildah; default docker when its daemon answers, else podman,
 #                         else buildah
 #   PYTHON_IMAGE, CPU_RUNTIME_IMAGE, CUDA_IMAGE, ONNXRUNTIME_VERSION
@@ -14,7 +14,7 @@
 #                         already in local storage is reused. CUDA_IMAGE has no substitute (see deploy/README.md).
 #   WHEEL_PYTHON          CPython minor of the wheelhouse; default 3.11 (cpu) / 3.12 (gpu: Ubuntu 24.04)
 #   WHEELHOUSE=auto|off   auto (default): the host's pip (its index, CA bundle and proxy configuration) downloads
-#                         the image's wheels into deploy/wheelhouse/ and the build installs them with --no-index;
+#                         the image's wheels into deploy/wheelhouse/<target>/ and the build installs them with --no-index;
 #                         off: pip inside the build reaches the index itself (needs a CA the container trusts).
 # Podman runs with scripts/podman/containers.conf (runc, ulimits) unless CONTAINERS_CONF is set.
 set -euo pipefail
@@ -22,6 +22,7 @@ cd "$(dirname "$0")/.."
 
 TARGET=${1:-cpu}
 [[ $TARGET == cpu || $TARGET == gpu ]] || { echo "build_image: target must be cpu or gpu, got $TARGET" >&2; exit 2; }
+IMAGE_TAG_GIVEN=${IMAGE_TAG:-}
 IMAGE_TAG=${IMAGE_TAG:-vae-serve:$TARGET}
 WHEELHOUSE=${WHEELHOUSE:-auto}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/scripts/podman/containers.conf}
@@ -109,9 +110,12 @@ else
 fi
 [[ -n ${ONNXRUNTIME_VERSION:-} ]] && build_args+=(--build-arg "ONNXRUNTIME_VERSION=$ONNXRUNTIME_VERSION")
 if [[ -n ${MODEL_DIR:-} ]]; then
-  [[ ${MODEL_DIR%/} == exported ]] || { echo "build_image: MODEL_DIR must be exported (the build context allows only exported/), got $MODEL_DIR" >&2; exit 2; }
-  [[ -f exported/model.json ]] || { echo "build_image: exported/model.json missing: run make demo or python -m training.export --out exported" >&2; exit 1; }
-  build_args+=(--build-arg MODEL_DIR=exported)
+  [[ -f $MODEL_DIR/model.json ]] || { echo "build_image: $MODEL_DIR/model.json missing: run make demo or python -m training.export --out $MODEL_DIR" >&2; exit 1; }
+  # Staged into the (allow-listed) context; the tag names the model version unless IMAGE_TAG is given.
+  rm -rf build/image-model && mkdir -p build && cp -r "$MODEL_DIR" build/image-model
+  build_args+=(--build-arg MODEL_DIR=build/image-model)
+  version=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' "$MODEL_DIR/model.json")
+  [[ -n ${IMAGE_TAG_GIVEN:-} ]] || IMAGE_TAG=vae-serve:$TARGET-$version
 fi
 
 # ---- wheelhouse: the image's wheels, downloaded by the host's pip ------------------------------------
@@ -122,14 +126,14 @@ if [[ $WHEELHOUSE == auto ]]; then
   pyver=${WHEEL_PYTHON:-$pyver}
   req=$(mktemp); trap 'rm -f "$req"' EXIT
   python3 deploy/serve_requirements.py --variant "$TARGET" --onnxruntime-version "$ort" >"$req"
-  step "wheelhouse: pip download (host configuration) for CPython $pyver manylinux x86_64 -> deploy/wheelhouse/"
-  python3 -m pip download --quiet --disable-pip-version-check --only-binary=:all: --dest deploy/wheelhouse \
+  step "wheelhouse: pip download (host configuration) for CPython $pyver manylinux x86_64 -> deploy/wheelhouse/$TARGET/"
+  python3 -m pip download --quiet --disable-pip-version-check --only-binary=:all: --dest "deploy/wheelhouse/$TARGET" \
     --python-version "$pyver" --implementation cp --abi "cp${pyver/./}" --abi abi3 --abi none \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -r "$req"
-  step "wheelhouse: $(find deploy/wheelhouse -name '*.whl' | wc -l) wheels, $(du -sh deploy/wheelhouse | cut -f1)"
+  step "wheelhouse: $(find "deploy/wheelhouse/$TARGET" -name '*.whl' | wc -l) wheels, $(du -sh "deploy/wheelhouse/$TARGET" | cut -f1)"
 elif [[ $WHEELHOUSE == off ]]; then
-  find deploy/wheelhouse -name '*.whl' -delete  # an empty wheelhouse: pip in the build uses the index
+  find "deploy/wheelhouse/$TARGET" -name '*.whl' -delete  # an empty wheelhouse: pip in the build uses the index
 else
   echo "build_image: WHEELHOUSE must be auto or off, got $WHEELHOUSE" >&2; exit 2
 fi

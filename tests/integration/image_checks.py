@@ -11,7 +11,8 @@ Not collected by `make test` (the name does not start with `test_`): it builds a
    run on the host, /metrics scrapes;
 4. `podman stop` (SIGTERM) under load: every request sent before the stop completes OK, later ones OK or
    UNAVAILABLE only, exit code 0;
-5. a tampered model: the container exits non-zero with the checksum message;
+5. a tampered model: the container exits non-zero with the checksum message; a model baked in
+   (MODEL_DIR) serves without a mount;
 6. `podman kube play` of the rendered CPU overlay's Deployment + ConfigMap: Running, each probe's gRPC health
    check passes from the host, an RPC through the published port answers, `kube down` removes it.
 This module must not import serving._proto.inference (tritonclient registers the same protobuf package).
@@ -109,9 +110,7 @@ class Container:
 def image() -> str:
     """Step 1: build the image (output streamed; warm runs reuse podman's layer cache and the base images)."""
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", "scripts/build_image.sh", "cpu"], cwd=REPO, timeout=1500, check=False,
-                          env={**os.environ, "IMAGE_TAG": IMAGE, "CONTAINERS_CONF": CONTAINERS_CONF})
-    assert proc.returncode == 0, "scripts/build_image.sh cpu failed (its output is above)"
+    build("cpu", IMAGE_TAG=IMAGE)
     size = int(podman("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout)
     smoke = podman("run", "--rm", "--entrypoint", "/usr/bin/python3", IMAGE, "-c", "pass", check=False)
     if smoke.returncode != 0 and "OCI" in smoke.stderr:  # the runtime itself, not the image, failed
@@ -133,11 +132,18 @@ def models(exported_model_dir: Path) -> Iterator[Path]:
     shutil.rmtree(d)
 
 
-def run_container(image: str, model_dir: Path, name: str) -> Iterator[Container]:
+def build(target: str, **env: str) -> None:
+    proc = subprocess.run(["bash", "scripts/build_image.sh", target], cwd=REPO, timeout=1500, check=False,
+                          env={**os.environ, "CONTAINERS_CONF": CONTAINERS_CONF, **env})
+    assert proc.returncode == 0, f"scripts/build_image.sh {target} failed (its output is above)"
+
+
+def run_container(image: str, model_dir: Path | None, name: str) -> Iterator[Container]:
+    """Start `image` hardened, with `model_dir` mounted read-only at /models (None: the image's own /models)."""
     podman("rm", "-f", name, check=False)
     t0 = time.monotonic()
-    podman("run", "-d", "--name", name, *HARDENED, "-v", f"{model_dir}:/models:ro",
-           "-p", "127.0.0.1::50051", "-p", "127.0.0.1::9090", image)
+    mount = ["-v", f"{model_dir}:/models:ro"] if model_dir else []
+    podman("run", "-d", "--name", name, *HARDENED, *mount, "-p", "127.0.0.1::50051", "-p", "127.0.0.1::9090", image)
     ports = {line.split("/")[0]: int(line.rsplit(":", 1)[1])
              for line in podman("port", name).stdout.splitlines() if "->" in line}
     c = Container(name, ports["50051"], ports["9090"])
@@ -273,8 +279,9 @@ def test_podman_stop_under_load_drains_in_flight_requests_and_exits_0(image: str
     in_flight = [k for k in before if k[1] > t_stop[0]]
     bad_before = [k for k in before if k[2] != grpc.StatusCode.OK]
     bad_after = [k for k in calls if k[0] >= t_stop[0] and k[2] not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)]
+    after = [k[2].name for k in calls if k[0] >= t_stop[0]]
     print(f"\n[image] drain: {len(before)} calls sent before podman stop ({len(in_flight)} in flight at the "
-          f"stop), {len(calls) - len(before)} after; exit code {exit_code}")
+          f"stop), after it {after.count('OK')} OK + {after.count('UNAVAILABLE')} UNAVAILABLE; exit code {exit_code}")
     assert in_flight, "no request was in flight when podman stop ran: the load did not overlap the stop"
     assert not bad_before, f"requests sent before the stop did not complete OK: {bad_before[:5]}\n{log}"
     assert not bad_after, f"requests after the stop failed with more than UNAVAILABLE: {bad_after[:5]}"
@@ -298,6 +305,17 @@ def test_a_tampered_model_makes_the_container_exit_non_zero_with_the_checksum_me
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "decoder" in out and "sha256" in out and "modified or corrupted" in out, out
+
+
+def test_an_image_with_the_model_baked_in_serves_it_without_a_mount(image: str, models: Path) -> None:
+    tag = "vae-serve:cpu-image-test-baked"
+    build("cpu", MODEL_DIR=str(models), IMAGE_TAG=tag)
+    try:
+        for c in run_container(tag, None, "vae-image-baked"):
+            with VaeClient(c.target) as client:
+                assert client.info()["version"] == load_manifest(models).version
+    finally:
+        podman("rmi", tag, check=False)
 
 
 def _free_port() -> int:
