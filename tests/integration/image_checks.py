@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -327,7 +328,7 @@ def _free_port() -> int:
 
 def test_kube_play_runs_the_cpu_overlay_deployment_probes_pass_and_kube_down_removes_it(
         image: str, models: Path, tmp_path: Path) -> None:
-    render = subprocess.run([str(REPO / ".venv/bin/python"), "deploy/k8s/render.py", "deploy/k8s/overlays/cpu"],
+    render = subprocess.run([sys.executable, "deploy/k8s/render.py", "deploy/k8s/overlays/cpu"],
                             cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
     docs = [d for d in yaml.safe_load_all(render.stdout) if d and d["kind"] in ("Deployment", "ConfigMap")]
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
