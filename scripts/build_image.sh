@@ -16,6 +16,7 @@
 #   WHEELHOUSE=auto|off   auto (default): the host's pip (its index, CA bundle and proxy configuration) downloads
 #                         the image's wheels into deploy/wheelhouse/<target>/ and the build installs them with --no-index;
 #                         off: pip inside the build reaches the index itself (needs a CA the container trusts).
+#   HOST_PYTHON           the host's Python >= 3.11 with pip, for the wheelhouse; default .venv/bin/python, else python3
 # Podman runs with scripts/podman/containers.conf (runc, ulimits) unless CONTAINERS_CONF is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,7 @@ TARGET=${1:-cpu}
 IMAGE_TAG_GIVEN=${IMAGE_TAG:-}
 IMAGE_TAG=${IMAGE_TAG:-vae-serve:$TARGET}
 WHEELHOUSE=${WHEELHOUSE:-auto}
+if [[ -z ${HOST_PYTHON:-} ]]; then [[ -x .venv/bin/python ]] && HOST_PYTHON=.venv/bin/python || HOST_PYTHON=python3; fi
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/scripts/podman/containers.conf}
 SUBSTITUTE_PYTHON=localhost/vae-serve-base/python:3.11-bookworm
 SUBSTITUTE_RUNTIME=localhost/vae-serve-base/python3-debian12:nonroot
@@ -125,9 +127,10 @@ if [[ $WHEELHOUSE == auto ]]; then
   pyver=3.11; [[ $TARGET == gpu ]] && pyver=3.12
   pyver=${WHEEL_PYTHON:-$pyver}
   req=$(mktemp); trap 'rm -f "$req"' EXIT
-  python3 deploy/serve_requirements.py --variant "$TARGET" --onnxruntime-version "$ort" >"$req"
+  "$HOST_PYTHON" -m pip --version >/dev/null 2>&1 || { echo "build_image: $HOST_PYTHON has no pip (make venv, or HOST_PYTHON=...; or WHEELHOUSE=off)" >&2; exit 1; }
+  "$HOST_PYTHON" deploy/serve_requirements.py --variant "$TARGET" --onnxruntime-version "$ort" >"$req"
   step "wheelhouse: pip download (host configuration) for CPython $pyver manylinux x86_64 -> deploy/wheelhouse/$TARGET/"
-  python3 -m pip download --quiet --disable-pip-version-check --only-binary=:all: --dest "deploy/wheelhouse/$TARGET" \
+  "$HOST_PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --dest "deploy/wheelhouse/$TARGET" \
     --python-version "$pyver" --implementation cp --abi "cp${pyver/./}" --abi abi3 --abi none \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -r "$req"
