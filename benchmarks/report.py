@@ -16,6 +16,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 ANALYSIS = REPO / "benchmarks" / "analysis.md"
+IMAGE = REPO / "benchmarks" / "image.md"  # hand-written container image figures (make image-test)
 OUT = REPO / "BENCHMARKS.md"
 CONCURRENCY = (1, 8, 64)
 # Issue 7's reference, measured on this machine (Triton 2.51 Python backend; a plain unbatched grpcio server).
@@ -361,5 +362,7 @@ def render(res: dict[str, Any]) -> None:
         d = tr["demo"]
         out += [f"`make demo` end to end: {d['wall_s']:.1f} s ({d['status']})." if "wall_s" in d
                 else f"`make demo`: not timed ({d['status']}).", ""]
+    if IMAGE.is_file():
+        out += [IMAGE.read_text().rstrip(), ""]
     out += ["## Plots", ""] + [f"- benchmarks/results/{n}" for n in names] + [""]
     OUT.write_text("\n".join(out))
