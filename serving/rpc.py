@@ -60,6 +60,7 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
         t0 = time.perf_counter()
         lease = budget.lease()
         token = current_lease.set(lease)
+        failure: tuple[grpc.StatusCode, str] | None = None
         try:
             lease.reserve(REQUEST_COPIES * len(data), "request")
             try:
@@ -75,15 +76,19 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
             mm.finished(status_for_cancelled(context.time_remaining()).name, time.perf_counter() - t0)
             raise
         except Exception as e:
-            code, message = status_for(e, name)
+            failure = status_for(e, name)
             if isinstance(e, InvalidInput) and e.model in metrics.models:
                 metrics.models[e.model].rejected["invalid"].inc()
-            mm.finished(code.name, time.perf_counter() - t0)
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
         finally:
             lease.release()
             current_lease.reset(token)
+        if failure is not None:
+            # Abort outside the except block, holding nothing: the abort's exception then keeps no
+            # traceback chain to this frame, whose request bytes would otherwise live until a GC cycle.
+            del data
+            request = out = None  # noqa: F841
+            mm.finished(failure[0].name, time.perf_counter() - t0)
+            await context.abort(*failure)
         mm.finished("OK", time.perf_counter() - t0)
         return out
 

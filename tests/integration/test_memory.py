@@ -3,13 +3,15 @@
 The server runs with the settings the Kubernetes base ships (`deploy/k8s/base/server.env` over the
 ServeConfig defaults) on an MNIST-shaped model (784 inputs, the issue's case), and 16 clients at once
 send the largest Reconstruct, Decode, Encode and Sample that `--max-message-bytes` lets through, twice
-over. Its peak resident set (VmHWM) must stay under `resources.limits.memory` of the Deployment.
+over, retrying when told to (RESOURCE_EXHAUSTED). Its peak resident set (VmHWM) must stay under
+`resources.limits.memory` of the Deployment, and every request must be answered in the end.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -93,11 +95,16 @@ def test_the_worst_request_mix_of_the_shipped_flags_stays_under_the_memory_limit
                 stub = pb_grpc.VaeServiceStub(ch)
                 for r in range(2):
                     method = list(requests)[(i + r) % 4]
-                    try:
-                        getattr(stub, method)(requests[method], timeout=120)
-                        codes.append("OK")
-                    except grpc.RpcError as e:
-                        codes.append(e.code().name)
+                    for attempt in range(200):  # a refusal says "retry later": clients back off and retry
+                        try:
+                            getattr(stub, method)(requests[method], timeout=120)
+                            codes.append("OK")
+                            break
+                        except grpc.RpcError as e:
+                            codes.append(e.code().name)
+                            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                                break
+                            time.sleep(0.05 * (1 + attempt % 4))
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
         for t in threads:
@@ -108,6 +115,8 @@ def test_the_worst_request_mix_of_the_shipped_flags_stays_under_the_memory_limit
     finally:
         assert s.stop() == 0, s.log()
     limit = memory_limit_bytes()
+    print(f"\n[memory] peak RSS {peak / 2**20:.0f} MiB under 16 clients' largest requests (limit "
+          f"{limit / 2**20:.0f} MiB); answers: {codes.count('OK')} OK, {codes.count('RESOURCE_EXHAUSTED')} refused")
     assert peak < limit, f"peak RSS {peak / 2**20:.0f} MiB over the Deployment's limit {limit / 2**20:.0f} MiB"
-    # The server refused what would not fit, served the rest, and never failed otherwise.
-    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") >= 4, codes
+    # The server refused what would not fit at the time, served every request in the end, failed none.
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") == 32, codes

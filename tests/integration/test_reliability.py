@@ -122,6 +122,9 @@ def test_sigterm_under_load_loses_no_request_sent_before_not_serving_was_visible
     outcomes = box[0]
     before = [c for t, c in outcomes if t < visible[0]]
     lost = [c for c in before if c != "OK"]
+    after = [c for t, c in outcomes if t >= visible[0]]
+    print(f"\n[sigterm] {len(before)} sent before NOT_SERVING was visible, {len(lost)} failed; after it "
+          f"{after.count('OK')} OK, {len(after) - after.count('OK')} refused; exit {code}")
     assert len(before) > 100 and not lost, f"{len(lost)} of {len(before)} failed: {sorted(set(lost))}"
     # Sent after NOT_SERVING was visible: served during the drain delay, then refused. A refusal is
     # UNAVAILABLE, or CANCELLED for calls grpcio had received but not yet handed to the server when it
@@ -297,7 +300,9 @@ def test_a_large_typed_request_does_not_stall_other_rpcs(exported_model_dir: Pat
         asyncio.run(go())
     finally:
         assert server.stop() == 0, server.log()
-    # Before: one such request stalled every other RPC for about a second; now the decode is a copy in C.
+    # Before: one such request stalled every other RPC for over a second; now the decode is a copy in C.
+    print(f"\n[stall] {len(gaps)} health probes during a {rows * m.example_size * 4 / 2**20:.0f} MiB typed "
+          f"ModelInfer; the longest took {max(gaps) * 1e3:.0f} ms")
     assert max(gaps) < 0.5, f"the longest probe took {max(gaps):.3f} s"
 
 
