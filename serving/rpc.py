@@ -75,7 +75,7 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
         except asyncio.CancelledError:
             mm.finished(status_for_cancelled(context.time_remaining()).name, time.perf_counter() - t0)
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  # every error becomes its status (INTERNAL if unexpected, logged)
             failure = status_for(e, name)
             if isinstance(e, InvalidInput) and e.model in metrics.models:
                 metrics.models[e.model].rejected["invalid"].inc()
@@ -86,7 +86,7 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
             # Abort outside the except block, holding nothing: the abort's exception then keeps no
             # traceback chain to this frame, whose request bytes would otherwise live until a GC cycle.
             del data
-            request = out = None  # noqa: F841
+            request = out = None
             mm.finished(failure[0].name, time.perf_counter() - t0)
             await context.abort(*failure)
         mm.finished("OK", time.perf_counter() - t0)
