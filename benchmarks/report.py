@@ -240,6 +240,10 @@ def render(res: dict[str, Any]) -> None:
     out += ["", ("The in-process ceiling is the median over the encoder's batch sizes 32-512 (its plateau), per "
                 "CPU-second of the process, compared with the server's rows per CPU-second (per wall-clock "
                 "second beside it)."), ""]
+    if "references" in res:  # issue 13: the same client against Triton and a naive server, same run
+        from benchmarks.references.bench import markdown as references_markdown
+
+        out += [references_markdown(res["references"])]
     if ANALYSIS.is_file():
         out += [ANALYSIS.read_text().strip(), ""]
     out += ["## Serving scenarios", "",

@@ -345,6 +345,10 @@ def main() -> None:
     log("the gRPC floor: do-nothing servers of each grpcio kind under h2load")
     res["grpc_floor"] = grpc_floor()
     res["serving"] = serving_scenarios(model_dir, args.rounds, args.duration_s)
+    log("references: vae-serve, Triton and a naive grpcio server, same client, taking turns")
+    from benchmarks.references.bench import run as references
+
+    res["references"] = references(model_dir, 2, args.duration_s)
     log("Encode C=1, batching vs --max-batch-size 1, alternating")
     res["c1_alternating"] = c1_alternating(model_dir)
     log("diagnostics: --max-queue-delay-us sweep")

@@ -45,6 +45,7 @@ class LocalServer:
     log_path: Path
     ready_path: Path
     start_s: float  # from the Popen to the ready file
+    server_pid: int  # the ready file's pid: the command's own, or the server a launcher started
 
     @classmethod
     def start(cls, cmd: list[str], workdir: Path, name: str = "server", timeout_s: float = 120.0,
@@ -69,14 +70,17 @@ class LocalServer:
             time.sleep(0.005)
         start_s = time.perf_counter() - t0
         info = json.loads(ready.read_text())
-        if info["pid"] != proc.pid:
+        # A launcher (benchmarks/references/triton.py) names the server process it started as `pid`.
+        if info.get("launcher_pid", info["pid"]) != proc.pid:
             proc.kill()
             raise ServerStartError(f"{name}: the ready file names pid {info['pid']}, not {proc.pid}")
-        return cls(proc, int(info["grpc_port"]), int(info["metrics_port"]), log_path, ready, start_s)
+        return cls(proc, int(info["grpc_port"]), int(info.get("metrics_port", -1)), log_path, ready, start_s,
+                   int(info["pid"]))
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        """The serving process (what CPU and memory are read of)."""
+        return self.server_pid
 
     @property
     def target(self) -> str:

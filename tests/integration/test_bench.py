@@ -68,3 +68,34 @@ def test_the_grpc_floor_measures_do_nothing_servers_of_each_kind_with_h2load(tmp
         assert r["server_cpu_us_per_request"] > 0 and r["requests_per_s"] > 0
         assert r["server_cpu_us_per_request_rounds"] == [r["server_cpu_us_per_request"]]
     assert "aio-uvloop" in proc.stdout and "us CPU/request" in proc.stdout
+
+
+def test_the_naive_reference_server_answers_model_infer_like_onnx_runtime(exported_model_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    import grpc
+    import numpy as np
+    import onnxruntime as ort
+
+    from loadgen.process import LocalServer
+    from serving._proto.inference import grpc_service_pb2 as pb
+    from serving._proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+    s = LocalServer.start([sys.executable, "-m", "benchmarks.references.naive_server", "--model-dir",
+                           str(exported_model_dir)], tmp_path, cwd=REPO)
+    try:
+        sess = ort.InferenceSession(str(exported_model_dir / "encoder.onnx"), providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).random((3, *sess.get_inputs()[0].shape[1:]), dtype=np.float32)
+        req = pb.ModelInferRequest(model_name="encoder", raw_input_contents=[x.tobytes()])
+        req.inputs.add(name="x", datatype="FP32", shape=x.shape)
+        with grpc.insecure_channel(s.target) as ch:
+            resp = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
+        names = [o.name for o in sess.get_outputs()]
+        assert [o.name for o in resp.outputs] == names
+        for raw, ref in zip(resp.raw_output_contents, sess.run(names, {"x": x})):
+            np.testing.assert_array_equal(np.frombuffer(raw, np.float32).reshape(ref.shape), ref)
+        r = result(bench("--ready-file", str(s.ready_path), "--rpc", "infer-encoder", "--concurrency", "4",
+                         "--duration-s", "0.5", "--warmup-s", "0.2", "--example-shape",
+                         *[str(d) for d in x.shape[1:]]))
+        assert r["requests"] > 10 and r["errors"] == {}
+    finally:
+        assert s.stop() == 0

@@ -243,3 +243,29 @@ def test_busy_time_of_this_process_cpus_covers_its_own_cpu_time() -> None:
     while time.process_time() < t_end:
         pass
     assert cpus_busy_s(cpus) - b0 >= 0.5 * (proc_cpu_s(os.getpid()) - c0) > 0
+
+
+def test_reference_targets_are_ratios_to_the_systems_measured_in_the_same_run() -> None:
+    from benchmarks.references.bench import markdown
+    from benchmarks.references.bench import targets as reference_targets
+
+    def m(rps: float, rows: float, p50: float) -> dict[str, float]:
+        return {"requests_per_s": rps, "rows_per_s": rows, "p50_ms": p50, "p99_ms": 2 * p50, "cpu0_us_per_request": 1e6 / rps}
+
+    grid = {f"{model}/{k}": v for model in ("encoder", "decoder") for k, v in
+            (("c64/b1", (3000, 3000, 20)), ("c8/b64", (700, 44800, 11)), ("c1/b1", (1000, 1000, 1.0)))}
+    ours = {k: m(*v) for k, v in grid.items()}
+    naive = {k: m(v[0] / 1.2, v[1] / 1.2, v[2]) for k, v in grid.items()}  # we are 1.2x the naive server
+    triton = {k: m(v[0] / 0.8, v[1], v[2] * 2) for k, v in grid.items()}   # Triton 1.25x us at C=64, equal at B=64
+    ref = {"systems": ["vae-serve", "naive", "triton"], "triton_missing": False, "rounds": 1, "duration_s": 1.0,
+           "scenarios": list(grid), "summary": {"vae-serve": ours, "naive": naive, "triton": triton},
+           "commands": {"vae-serve": "x", "naive": "y", "triton": "z"}}
+    got = {what: (round(r, 2), ok) for what, r, _, ok in reference_targets(ref)}
+    assert got["encoder c64 b1 req/s: vae-serve / naive"] == (1.2, True)
+    assert got["encoder c64 b1 req/s: vae-serve / Triton"] == (0.8, False)  # needs 0.85x
+    assert got["decoder c8 b64 rows/s: vae-serve / Triton"] == (1.0, False)  # needs 1.2x
+    assert got["decoder c1 b1 p50: vae-serve / naive (at most)"] == (1.0, True)
+    del ref["summary"]["triton"]
+    ref["systems"], ref["triton_missing"] = ["vae-serve", "naive"], True
+    assert all(ok is None for what, _, _, ok in reference_targets(ref) if "Triton" in what)
+    assert "Triton was not measured in this run" in markdown(ref)

@@ -1,0 +1,145 @@
+"""`make bench` step: vae-serve against Triton and a naive grpcio server, same client, same run (issue 13).
+
+    python -m benchmarks.references.bench --model-dir runs/bench/exported [--rounds 2] [--duration-s 4]
+
+Each system serves the same export pinned to CPU 0; the same load generator (`python -m loadgen`,
+Open Inference Protocol ModelInfer, raw FP32, every output returned) runs pinned to CPU 1. Systems take
+turns in each round (the order rotates), so drift on the machine hits them alike; medians of rounds are
+reported. Server CPU is the busy time of CPU 0 per request (it counts Triton's python-backend stub
+processes, which are not tritonserver's own pid). Triton runs from `.venv-triton`
+(scripts/ensure_triton_venv.sh); where that cannot be made, Triton is reported as missing, never
+estimated. Prints one JSON document (the last line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.run import PY, REPO, WORK, Server, bench, log, serving_cmd
+
+TRITON_PY = REPO / ".venv-triton" / "bin" / "python"
+# (model, concurrency, rows per request): issue 13's grid
+SCENARIOS: list[tuple[str, int, int]] = [("encoder", 64, 1), ("decoder", 64, 1), ("encoder", 8, 64),
+                                         ("decoder", 8, 64), ("encoder", 1, 1), ("decoder", 1, 1)]
+
+
+def systems(model_dir: Path) -> dict[str, list[str]]:
+    cmds = {"vae-serve": serving_cmd(model_dir, []),
+            "naive": [PY, "-m", "benchmarks.references.naive_server", "--model-dir", str(model_dir)]}
+    if TRITON_PY.is_file():
+        cmds["triton"] = [str(TRITON_PY), str(REPO / "benchmarks" / "references" / "triton.py"),
+                          "--model-dir", str(model_dir), "--workdir", str(WORK / "triton")]
+    return cmds
+
+
+def cpu0_us_per_request(r: dict[str, Any]) -> float | None:
+    s = r.get("server")
+    if not s or not r["requests"]:
+        return None
+    busy = s["cpu_s"] + s["other_work_cores"] * r["duration_s"]  # everything on the server's CPU
+    return 1e6 * busy / r["requests"]
+
+
+def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
+    cmds = systems(model_dir)
+    names = list(cmds)
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in names}
+    for rnd in range(rounds):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for name in order:
+            s = Server(cmds[name], f"ref-{name}")
+            try:
+                for model, c, b in SCENARIOS:
+                    r = bench(s.ready_path, f"infer-{model}", c, b, duration_s)
+                    r["cpu0_us_per_request"] = cpu0_us_per_request(r)
+                    raw[name].setdefault(f"{model}/c{c}/b{b}", []).append(r)
+                    log(f"references round {rnd + 1}/{rounds} {name:9s} {model} C={c} B={b}: "
+                        f"{r['requests_per_s']:,.0f} req/s, {r['rows_per_s']:,.0f} rows/s, p50 "
+                        f"{r['latency_ms']['p50']:.2f} ms, errors {r['errors'] or 'none'}")
+            finally:
+                s.stop()
+    summary: dict[str, dict[str, dict[str, float | None]]] = {}
+    for name, by in raw.items():
+        for key, runs in by.items():
+            def med(f: Any, runs: list[dict[str, Any]] = runs) -> float | None:
+                vals = [v for v in (f(r) for r in runs) if v is not None]
+                return statistics.median(vals) if vals else None
+            summary.setdefault(name, {})[key] = {
+                "requests_per_s": med(lambda r: r["requests_per_s"]), "rows_per_s": med(lambda r: r["rows_per_s"]),
+                "p50_ms": med(lambda r: r["latency_ms"]["p50"]), "p99_ms": med(lambda r: r["latency_ms"]["p99"]),
+                "cpu0_us_per_request": med(lambda r: r["cpu0_us_per_request"]),
+                "errors": sum(sum(r["errors"].values()) for r in runs)}
+    return {"systems": names, "triton_missing": "triton" not in cmds, "rounds": rounds, "duration_s": duration_s,
+            "scenarios": [f"{m}/c{c}/b{b}" for m, c, b in SCENARIOS], "summary": summary,
+            "commands": {n: " ".join(c) for n, c in cmds.items()}, "runs": raw}
+
+
+def targets(ref: dict[str, Any]) -> list[tuple[str, float | None, float, bool | None]]:
+    """Issue 13's targets: (what, measured ratio, required, met); None where a system is missing."""
+    s = ref["summary"]
+    ours, naive, triton = s.get("vae-serve", {}), s.get("naive", {}), s.get("triton", {})
+
+    def ratio(a: dict[str, Any], b: dict[str, Any], key: str, metric: str) -> float | None:
+        x, y = a.get(key, {}).get(metric), b.get(key, {}).get(metric)
+        return x / y if x and y else None
+
+    out: list[tuple[str, float | None, float, bool | None]] = []
+    for model in ("encoder", "decoder"):
+        for key, metric, unit in ((f"{model}/c64/b1", "requests_per_s", "req/s"), (f"{model}/c8/b64", "rows_per_s", "rows/s")):
+            need_triton = 0.85 if key.endswith("c64/b1") else 1.2
+            for who, other, need in (("naive", naive, 1.0), ("Triton", triton, need_triton)):
+                r = ratio(ours, other, key, metric)
+                out.append((f"{key.replace('/', ' ')} {unit}: vae-serve / {who}", r, need,
+                            None if r is None else r >= need))
+        r = ratio(ours, naive, f"{model}/c1/b1", "p50_ms")
+        out.append((f"{model} c1 b1 p50: vae-serve / naive (at most)", r, 1.1, None if r is None else r <= 1.1))
+    return out
+
+
+def markdown(ref: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section."""
+    s = ref["summary"]
+    names = ref["systems"]
+    lines = ["## Against Triton and a naive grpcio server (same client, same run)", "",
+             f"Open Inference Protocol ModelInfer, raw FP32, from `python -m loadgen` on CPU 1 to each server on CPU 0; "
+             f"{ref['rounds']} rounds of {ref['duration_s']:g} s per scenario, systems taking turns, medians. Server CPU "
+             "is CPU 0's busy time per request (Triton's python-backend stubs included). Commands: "
+             + "; ".join(f"`{n}`: `{c}`" for n, c in ref["commands"].items()) + ".", ""]
+    if ref["triton_missing"]:
+        lines += ["**Triton was not measured in this run** (`.venv-triton` missing: `scripts/ensure_triton_venv.sh`).", ""]
+    head = "| scenario | " + " | ".join(f"{n} req/s | {n} rows/s | {n} p50 ms | {n} us CPU/req" for n in names) + " |"
+    lines += [head, "|" + " --- |" * (1 + 4 * len(names))]
+    for key in ref["scenarios"]:
+        cells = []
+        for n in names:
+            v = s.get(n, {}).get(key, {})
+            cells += [f"{v.get('requests_per_s') or 0:,.0f}", f"{v.get('rows_per_s') or 0:,.0f}",
+                      f"{v.get('p50_ms') or 0:.2f}", f"{v.get('cpu0_us_per_request') or 0:,.0f}"]
+        lines.append(f"| {key.replace('/', ' ')} | " + " | ".join(cells) + " |")
+    lines += ["", "| issue 13 target | measured | required | met |", "| --- | --- | --- | --- |"]
+    for what, r, need, ok in targets(ref):
+        lines.append(f"| {what} | {'-' if r is None else f'{r:.2f}x'} | {need:g}x | "
+                     f"{'not measured' if ok is None else ('yes' if ok else '**no**')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.references.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--duration-s", type=float, default=4.0)
+    args = p.parse_args(argv)
+    WORK.mkdir(parents=True, exist_ok=True)
+    ref = run(args.model_dir, args.rounds, args.duration_s)
+    sys.stderr.write(markdown(ref))
+    print(json.dumps({k: v for k, v in ref.items() if k != "runs"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
