@@ -1,19 +1,24 @@
 """Train a VAE: one process, or data-parallel under torchrun.
 
-    python -m training.fit --data digits --out runs/demo [--epochs 60] [--resume]
+    python -m training.fit --data digits --out runs/demo [--epochs 60] [--time-budget-s 60] [--resume]
     torchrun --nproc_per_node=2 -m training.fit --data digits --out runs/ddp     # gloo on CPU, NCCL on GPU
+
+The defaults (chosen by measurement, benchmarks/train_recipes.py and BENCHMARKS.md) scale the network with
+the input when `--hidden` / `--latent-dim` are not given, warm the learning rate up for one epoch and
+then decay it along a cosine to 0 by the end of the run (`--epochs` or `--time-budget-s`, whichever ends
+it first), and keep the checkpoint with the best validation -ELBO (best.pt) for evaluation and export.
 
 The dataset lives in memory as tensors on the training device; each step slices a batch out of the
 epoch's permutation, so the hot loop does no per-example Python work. All randomness is explicit:
 the permutation of epoch e comes from `seed + e` (DistributedSampler semantics, see
 training/distributed.py) and the reparameterisation noise and dynamic binarisation come from a
 generator seeded from (seed, epoch, rank). A run killed at any point and restarted with `--resume`
-therefore ends with exactly the metrics of an uninterrupted run (on CPU).
+therefore ends with exactly the metrics of an uninterrupted run (on CPU), unless `--time-budget-s` is set:
+then where it stops, and the cosine schedule with it, follow the wall-clock.
 
 `--batch-size` is the GLOBAL batch size: with N ranks each rank takes batch_size / N examples a step.
 
-The run directory (written by rank 0 only): config.json, checkpoint.pt (last), best.pt, metrics.jsonl,
-summary.json, samples.png, reconstructions.png, curves.png, interpolation.png.
+The run directory (written by rank 0 only) is described in training/rundir.py.
 """
 
 from __future__ import annotations

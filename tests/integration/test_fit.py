@@ -133,3 +133,24 @@ def test_a_checkpoint_with_one_flipped_byte_is_refused(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match=r"flipped.*\.pt: .*(checksum|corrupt)"):
             load_checkpoint(copy)
     assert fit.main([*TINY_FLAGS, "--epochs", "2", "--resume", "--out", str(run)]) == 0  # the intact one loads
+
+
+def test_a_time_budget_stops_training_on_time_and_the_run_finishes_normally(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert fit.main([*TINY_FLAGS, "--epochs", "100000", "--time-budget-s", "3", "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "time_budget" and summary["time_budget_s"] == 3.0
+    assert json.loads((run / "config.json").read_text())["time_budget_s"] == 3.0
+    assert abs(summary["train_seconds"] - 3.0) <= 0.05 * 3.0, summary["train_seconds"]
+    rows = read_metrics(run)
+    assert rows[-1]["partial"] and not any(r["partial"] for r in rows[:-1])
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+
+
+def test_the_iwae_objective_trains(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert fit.main([*TINY_FLAGS, "--epochs", "3", "--objective", "iwae", "--iwae-k", "4", "--out", str(run)]) == 0
+    rows = read_metrics(run)
+    assert rows[-1]["val_neg_elbo"] < rows[0]["val_neg_elbo"]
+    assert json.loads((run / "config.json").read_text())["objective"] == "iwae"
