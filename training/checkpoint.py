@@ -29,6 +29,7 @@ import io
 import json
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +73,65 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint dict atomically (temporary file + fsync + rename)."""
+def serialize_checkpoint(state: dict[str, Any]) -> bytes:
+    """The payload of a checkpoint: a snapshot, so the caller may go on changing the tensors."""
     missing = [k for k in REQUIRED_KEYS if k not in state]
     assert not missing, f"checkpoint state lacks {missing}"
     buf = io.BytesIO()
     torch.save(state, buf)
-    payload = buf.getbuffer()
+    return buf.getvalue()
+
+
+def write_checkpoint_payload(payload: bytes, paths: list[Path]) -> None:
+    """Write a serialised checkpoint to every path in `paths`, each atomically; the data is written and
+    fsynced once, the other paths are hard links to it (a later rename over one leaves the others)."""
     header = MAGIC + _SHA_PREFIX + hashlib.sha256(payload).hexdigest().encode() + b"\n"
-    atomic_write_bytes(Path(path), lambda f: (f.write(header), f.write(payload)))
+    first, *others = (Path(p) for p in paths)
+    atomic_write_bytes(first, lambda f: (f.write(header), f.write(payload)))
+    for other in others:
+        tmp = other.with_name(f".{other.name}.link.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(first, tmp)
+            os.replace(tmp, other)
+        except OSError:  # no hard links on this filesystem: a second copy
+            tmp.unlink(missing_ok=True)
+            atomic_write_bytes(other, lambda f: (f.write(header), f.write(payload)))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint dict atomically (temporary file + fsync + rename), with its checksum header."""
+    write_checkpoint_payload(serialize_checkpoint(state), [Path(path)])
+
+
+class CheckpointWriter:
+    """Writes checkpoints on one background thread, so the file I/O (checksum, write, fsync: tens of
+    milliseconds for a few MB) overlaps the next epoch's training instead of adding to it.
+
+    `submit` snapshots the state at once (serialises it) and waits for the previous write first, so at
+    most one write is in flight and files land in order; `wait` blocks until the last one is on disk and
+    re-raises its error.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future[None] | None = None
+
+    def submit(self, state: dict[str, Any], paths: list[Path]) -> None:
+        payload = serialize_checkpoint(state)
+        self.wait()
+        self._pending = self._pool.submit(write_checkpoint_payload, payload, paths)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

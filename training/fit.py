@@ -42,9 +42,9 @@ from training import distributed as D
 from training.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    CheckpointWriter,
     config_from_checkpoint,
     load_checkpoint,
-    save_checkpoint,
 )
 from training.config import ARCHES, DEVICES, LIKELIHOODS, LR_SCHEDULES, OBJECTIVES, ConfigError, TrainConfig
 from training.data import DataError, DataSplits, load_data
@@ -108,6 +108,7 @@ def lr_factor(config: TrainConfig, done_steps: int, steps_per_epoch: int, time_f
     warmup = config.lr_warmup_epochs * steps_per_epoch
     if done_steps < warmup:
         return (done_steps + 1) / warmup
+    assert config.lr_schedule != "auto", "lr_factor needs a resolved config"
     if config.lr_schedule == "constant":
         return 1.0
     progress = max(done_steps / (config.epochs * steps_per_epoch), time_fraction)
@@ -125,7 +126,7 @@ class Clock:
     budget_s: float
     ctx: D.DistContext
     spent_before_s: float = 0.0  # training seconds of earlier sessions (from the checkpoint)
-    reserve_s: float = 0.0       # the last validation's duration: stop early enough to run one more
+    reserve_s: float = 0.0       # the slowest validation so far: stop early enough to run one more
     t0: float = field(default_factory=time.perf_counter)
 
     def elapsed_s(self) -> float:
@@ -245,7 +246,7 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
     per_rank_batch = config.batch_size // ctx.world_size
     device = resolve_device(config.device, ctx)
     splits = load_data(config)
-    config = config.resolved(math.prod(splits.example_shape))
+    config = config.resolved(math.prod(splits.example_shape), len(splits.train))
     torch.manual_seed(config.seed)  # parameter initialisation only; identical on every rank
     vae = VAE(config, splits.example_shape).to(device)
     opt = make_optimizer(vae, config, device)
@@ -278,6 +279,7 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
                 per_rank_batch, per_rank_batch * ctx.world_size, sum(p.numel() for p in vae.parameters()),
                 f"; time budget {config.time_budget_s:g} s" if config.time_budget_s else "")
     clock = Clock(config.time_budget_s, ctx, spent_before_s=st.train_seconds)
+    writer = CheckpointWriter()
     stopped_by = "epochs"
     t_start = time.perf_counter()
     while st.epoch < config.epochs:
@@ -303,7 +305,7 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
         train_seconds = time.perf_counter() - t0
         t_val = time.perf_counter()
         val = validate(vae, x_val, config, ctx)
-        clock.reserve_s = time.perf_counter() - t_val
+        clock.reserve_s = max(clock.reserve_s, time.perf_counter() - t_val)  # the slowest validation so far
         n = float(sums["n"])
         row = {"epoch": epoch + 1, "steps": taken, "partial": taken < steps,
                "train_neg_elbo": float(sums["kl"] - sums["log_lik"]) / n,
@@ -325,10 +327,8 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
         st.history.append(row)
         if ctx.is_main:
             run.append_metrics(row)
-            ckpt = checkpoint_state(vae, opt, config, splits, st, ctx)
-            if improved:
-                save_checkpoint(run.checkpoint("best"), ckpt)
-            save_checkpoint(ckpt_path, ckpt)
+            writer.submit(checkpoint_state(vae, opt, config, splits, st, ctx),
+                          [ckpt_path, run.checkpoint("best")] if improved else [ckpt_path])
         logger.info("epoch %d/%d%s  train -ELBO %.3f  val -ELBO %.3f (recon %.3f, KL %.3f, active %d/%d)  "
                     "kl-weight %.3g  lr %.3g  %.0f ex/s  %.2fs%s", st.epoch, config.epochs,
                     f" ({taken}/{steps} steps)" if row["partial"] else "",
@@ -338,6 +338,7 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
         if row["partial"]:
             stopped_by = "time_budget"
             break
+    writer.close()
     D.barrier(ctx)  # every rank has finished its last checkpoint-visible step
     summary = _summary(config, splits, st, stopped_by, ctx, per_rank_batch, time.perf_counter() - t_start)
     if ctx.is_main:
@@ -406,8 +407,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--arch", d.arch, "encoder/decoder architecture", choices=ARCHES)
     add("--latent-dim", d.latent_dim, "latent dimensions d (0: a power of two near sqrt(input size), "
         "e.g. 8 for 8x8 digits, 32 for 28x28)", type=int)
-    add("--hidden", list(d.hidden), "hidden layer sizes (mlp; conv uses the first); none given: two layers "
-        "scaled to the input, e.g. 256 128 for 8x8 digits, 512 256 for 28x28", type=int, nargs="*")
+    add("--hidden", list(d.hidden), "hidden layer sizes (mlp; conv uses the first); none given: scaled to the "
+        "input (training.config.auto_hidden): 256 128 for 8x8 digits, 400 for 28x28", type=int, nargs="*")
     add("--conv-channels", list(d.conv_channels), "conv channels, one halving of H, W each", type=int, nargs="+")
     add("--likelihood", d.likelihood, "decoder P(x|z)", choices=LIKELIHOODS)
     add("--learn-variance", d.learn_variance, "Gaussian: learn a per-dimension variance",
@@ -423,7 +424,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--batch-size", d.batch_size, "GLOBAL batch size (split evenly over torchrun ranks)", type=int)
     add("--lr", d.lr, "Adam learning rate (peak, after warm-up)", type=float)
     add("--lr-schedule", d.lr_schedule, "constant, or cosine decay to 0 over --epochs or --time-budget-s, "
-        "whichever ends the run", choices=LR_SCHEDULES)
+        "whichever ends the run; auto: cosine from 4096 training examples up, constant below",
+        choices=LR_SCHEDULES)
     add("--lr-warmup-epochs", d.lr_warmup_epochs, "ramp the learning rate linearly from 0 over this many epochs",
         type=int)
     add("--weight-decay", d.weight_decay, "Adam weight decay (L2)", type=float)

@@ -85,9 +85,9 @@ class VAE(nn.Module):
 
     def __init__(self, config: TrainConfig, example_shape: tuple[int, ...]) -> None:
         super().__init__()
-        if not config.is_resolved:
+        if not config.hidden or config.latent_dim < 1:
             raise ValueError("hidden / latent_dim: left to be chosen from the input size; build the model "
-                             "from config.resolved(n_in)")
+                             "from config.resolved(n_in, n_train)")
         self.config = config
         self.example_shape = tuple(int(s) for s in example_shape)
         self.likelihood = config.likelihood

@@ -101,10 +101,11 @@ def test_more_importance_samples_tighten_the_bound_on_average() -> None:
 
 
 def test_the_architecture_left_open_scales_with_the_input() -> None:
-    assert TrainConfig().resolved(64).hidden == (256, 128) and TrainConfig().resolved(64).latent_dim == 8
-    assert TrainConfig().resolved(784).hidden == (512, 256) and TrainConfig().resolved(784).latent_dim == 32
-    given = TrainConfig(hidden=(400,), latent_dim=20).resolved(784)
-    assert (given.hidden, given.latent_dim) == ((400,), 20)
+    digits, mnist = TrainConfig().resolved(64, 1293), TrainConfig().resolved(784, 7200)
+    assert (digits.hidden, digits.latent_dim, digits.lr_schedule) == ((256, 128), 8, "constant")
+    assert (mnist.hidden, mnist.latent_dim, mnist.lr_schedule) == ((400,), 32, "cosine")
+    given = TrainConfig(hidden=(128, 64), latent_dim=20, lr_schedule="cosine").resolved(784, 100)
+    assert (given.hidden, given.latent_dim, given.lr_schedule) == ((128, 64), 20, "cosine")
     with pytest.raises(ValueError, match="hidden / latent_dim: left to be chosen"):
         VAE(TrainConfig(), (64,))
 

@@ -20,7 +20,7 @@ def test_the_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_zero(
 
 
 def test_a_time_budget_drives_the_cosine_when_it_ends_the_run_first() -> None:
-    c = TrainConfig(epochs=1000, lr_warmup_epochs=0)
+    c = TrainConfig(epochs=1000, lr_warmup_epochs=0, lr_schedule="cosine")
     assert lr_factor(c, 10, 5, time_fraction=0.5) == pytest.approx(0.5)
     assert lr_factor(c, 10, 5, time_fraction=1.0) == pytest.approx(0.0)
 
