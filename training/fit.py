@@ -408,7 +408,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--latent-dim", d.latent_dim, "latent dimensions d (0: a power of two near sqrt(input size), "
         "e.g. 8 for 8x8 digits, 32 for 28x28)", type=int)
     add("--hidden", list(d.hidden), "hidden layer sizes (mlp; conv uses the first); none given: scaled to the "
-        "input (training.config.auto_hidden): 256 128 for 8x8 digits, 400 for 28x28", type=int, nargs="*")
+        "input (training.config.auto_hidden): 256 for 8x8 digits, 400 for 28x28", type=int, nargs="*")
     add("--conv-channels", list(d.conv_channels), "conv channels, one halving of H, W each", type=int, nargs="+")
     add("--likelihood", d.likelihood, "decoder P(x|z)", choices=LIKELIHOODS)
     add("--learn-variance", d.learn_variance, "Gaussian: learn a per-dimension variance",

@@ -102,7 +102,7 @@ def test_more_importance_samples_tighten_the_bound_on_average() -> None:
 
 def test_the_architecture_left_open_scales_with_the_input() -> None:
     digits, mnist = TrainConfig().resolved(64, 1293), TrainConfig().resolved(784, 7200)
-    assert (digits.hidden, digits.latent_dim, digits.lr_schedule) == ((256, 128), 8, "constant")
+    assert (digits.hidden, digits.latent_dim, digits.lr_schedule) == ((256,), 8, "constant")
     assert (mnist.hidden, mnist.latent_dim, mnist.lr_schedule) == ((400,), 32, "cosine")
     given = TrainConfig(hidden=(128, 64), latent_dim=20, lr_schedule="cosine").resolved(784, 100)
     assert (given.hidden, given.latent_dim, given.lr_schedule) == ((128, 64), 20, "cosine")
