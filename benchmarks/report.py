@@ -16,6 +16,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 ANALYSIS = REPO / "benchmarks" / "analysis.md"
+TRAIN_ANALYSIS = REPO / "benchmarks" / "train_analysis.md"
 OUT = REPO / "BENCHMARKS.md"
 CONCURRENCY = (1, 8, 64)
 # Issue 7's reference, measured on this machine (Triton 2.51 Python backend; a plain unbatched grpcio server).
@@ -276,6 +277,8 @@ def training_sections(tr: dict[str, Any]) -> list[str]:
                 "| loop | median examples/s |", "| --- | --- |"]
         out += [f"| {k} | {v['median']:,.0f} |" for k, v in eps.items()]
         out += ["", f"training.fit's loop is {tl['ratio_A_over_B']:.2f}x the pytorch/examples loop (target: 2x).", ""]
+    if TRAIN_ANALYSIS.is_file():
+        out += [TRAIN_ANALYSIS.read_text().rstrip(), ""]
     return out
 
 
