@@ -25,6 +25,7 @@ LR_SCHEDULES: tuple[str, ...] = ("auto", "constant", "cosine")
 # lr_schedule "auto": cosine from this many training examples up, constant below (see auto_lr_schedule).
 COSINE_MIN_TRAIN_EXAMPLES = 4096
 CHECKPOINT_CHOICES: tuple[str, ...] = ("best", "last")
+DEFAULT_EPOCHS = 150  # `epochs` 0 without a time budget
 
 
 class ConfigError(ValueError):
@@ -72,7 +73,8 @@ class TrainConfig:
     binarize: bool = False
     # Bernoulli on float data outside [0, 1]: min-max scale from the training split instead of failing.
     rescale: bool = False
-    epochs: int = 150
+    # 0: DEFAULT_EPOCHS without a time budget, no epoch limit with one (the budget ends the run).
+    epochs: int = 0
     # Stop training once this many seconds have passed (checked between steps); 0: no limit.
     time_budget_s: float = 0.0
     batch_size: int = 128
@@ -106,7 +108,7 @@ class TrainConfig:
             ("conv_channels", len(self.conv_channels) >= 1 and all(c >= 1 for c in self.conv_channels),
              "one or more integers >= 1"),
             ("image_size", self.image_size >= 4, "an integer >= 4"),
-            ("epochs", self.epochs >= 1, "an integer >= 1"),
+            ("epochs", self.epochs >= 0, "an integer >= 1 (0: 150, or no limit with a time budget)"),
             ("time_budget_s", self.time_budget_s >= 0, "a number of seconds >= 0 (0: no limit)"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),
             ("lr", self.lr > 0, "a number > 0"),
@@ -138,9 +140,11 @@ class TrainConfig:
                                       f"expected {neutral!r}, got {getattr(self, name)!r}")
 
     def resolved(self, n_in: int, n_train: int) -> TrainConfig:
-        """This config with what was left open chosen from the data: `hidden` and `latent_dim` from `n_in`
-        input dimensions, `lr_schedule` "auto" from `n_train` training examples."""
+        """This config with what was left open chosen: `hidden` and `latent_dim` from `n_in` input dimensions,
+        `lr_schedule` "auto" from `n_train` training examples, `epochs` 0 as DEFAULT_EPOCHS unless a time
+        budget ends the run (then 0 stays: no epoch limit)."""
         return dataclasses.replace(self, hidden=self.hidden or auto_hidden(n_in),
+                                   epochs=self.epochs or (0 if self.time_budget_s else DEFAULT_EPOCHS),
                                    latent_dim=self.latent_dim or auto_latent_dim(n_in),
                                    lr_schedule=auto_lr_schedule(n_train) if self.lr_schedule == "auto"
                                    else self.lr_schedule)

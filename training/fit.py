@@ -111,7 +111,8 @@ def lr_factor(config: TrainConfig, done_steps: int, steps_per_epoch: int, time_f
     assert config.lr_schedule != "auto", "lr_factor needs a resolved config"
     if config.lr_schedule == "constant":
         return 1.0
-    progress = max(done_steps / (config.epochs * steps_per_epoch), time_fraction)
+    by_steps = done_steps / (config.epochs * steps_per_epoch) if config.epochs else 0.0  # 0: no epoch limit
+    progress = max(by_steps, time_fraction)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -282,7 +283,7 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
     writer = CheckpointWriter()
     stopped_by = "epochs"
     t_start = time.perf_counter()
-    while st.epoch < config.epochs:
+    while not config.epochs or st.epoch < config.epochs:  # epochs 0: the time budget alone ends the run
         if config.patience and st.epochs_since_best >= config.patience:
             stopped_by = "patience"
             break
@@ -293,7 +294,7 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
         t0 = time.perf_counter()
         shard = D.epoch_shard(len(x_train), config.seed, epoch, ctx)
         steps = -(-len(shard) // per_rank_batch)
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs or '-'}", unit="batch", leave=False,
                    disable=not (progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
         with bar:
             sums, taken = train_one_epoch(model, vae, opt, x_train, shard, per_rank_batch, config, epoch,
@@ -329,8 +330,8 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
             run.append_metrics(row)
             writer.submit(checkpoint_state(vae, opt, config, splits, st, ctx),
                           [ckpt_path, run.checkpoint("best")] if improved else [ckpt_path])
-        logger.info("epoch %d/%d%s  train -ELBO %.3f  val -ELBO %.3f (recon %.3f, KL %.3f, active %d/%d)  "
-                    "kl-weight %.3g  lr %.3g  %.0f ex/s  %.2fs%s", st.epoch, config.epochs,
+        logger.info("epoch %d/%s%s  train -ELBO %.3f  val -ELBO %.3f (recon %.3f, KL %.3f, active %d/%d)  "
+                    "kl-weight %.3g  lr %.3g  %.0f ex/s  %.2fs%s", st.epoch, config.epochs or "-",
                     f" ({taken}/{steps} steps)" if row["partial"] else "",
                     row["train_neg_elbo"], row["val_neg_elbo"], row["val_recon_nll"], row["val_kl"],
                     row["val_active_units"], config.latent_dim, row["kl_weight"], row["lr"],
@@ -418,7 +419,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction)
     add("--rescale", d.rescale, "Bernoulli: min-max scale float data outside [0, 1] (fitted on train)",
         action=argparse.BooleanOptionalAction)
-    add("--epochs", d.epochs, "maximum number of epochs (and the length of the cosine schedule)", type=int)
+    add("--epochs", d.epochs, "maximum number of epochs (and the length of the cosine schedule); 0: 150, or "
+        "no limit when --time-budget-s is given", type=int)
     add("--time-budget-s", d.time_budget_s, "stop training after this many seconds of wall-clock (checked "
         "between steps; the last epoch may be partial), then finish as usual; 0: no limit", type=float)
     add("--batch-size", d.batch_size, "GLOBAL batch size (split evenly over torchrun ranks)", type=int)

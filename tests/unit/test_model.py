@@ -104,6 +104,7 @@ def test_the_architecture_left_open_scales_with_the_input() -> None:
     digits, mnist = TrainConfig().resolved(64, 1293), TrainConfig().resolved(784, 7200)
     assert (digits.hidden, digits.latent_dim, digits.lr_schedule) == ((256,), 8, "constant")
     assert (mnist.hidden, mnist.latent_dim, mnist.lr_schedule) == ((400,), 32, "cosine")
+    assert (digits.epochs, TrainConfig(time_budget_s=60).resolved(64, 1293).epochs) == (150, 0)
     given = TrainConfig(hidden=(128, 64), latent_dim=20, lr_schedule="cosine").resolved(784, 100)
     assert (given.hidden, given.latent_dim, given.lr_schedule) == ((128, 64), 20, "cosine")
     with pytest.raises(ValueError, match="hidden / latent_dim: left to be chosen"):

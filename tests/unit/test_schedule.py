@@ -23,6 +23,8 @@ def test_a_time_budget_drives_the_cosine_when_it_ends_the_run_first() -> None:
     c = TrainConfig(epochs=1000, lr_warmup_epochs=0, lr_schedule="cosine")
     assert lr_factor(c, 10, 5, time_fraction=0.5) == pytest.approx(0.5)
     assert lr_factor(c, 10, 5, time_fraction=1.0) == pytest.approx(0.0)
+    unlimited = TrainConfig(epochs=0, time_budget_s=10, lr_warmup_epochs=0, lr_schedule="cosine")
+    assert lr_factor(unlimited, 10**6, 5, time_fraction=0.25) == pytest.approx(0.5 * (1 + 2 ** -0.5))
 
 
 def test_the_clock_counts_earlier_sessions_and_keeps_time_for_one_validation() -> None:
