@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 EXPORT_DIR ?= exported
 
-.PHONY: demo test test-fast venv clean bench lint
+.PHONY: demo test test-fast venv clean bench lint image image-gpu image-test
 
 venv: $(STAMP)
 
@@ -30,6 +30,22 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	bash scripts/ensure_system_tools.sh h2load
 	$(BIN)/python -m benchmarks.run
+
+# The serving image (deploy/Dockerfile) with docker, else podman/buildah; offline-capable (scripts/build_image.sh).
+#   make image [MODEL_DIR=exported]      -> vae-serve:cpu;  make image-gpu -> vae-serve:gpu (needs a CUDA base)
+IMAGE_TOOLS := podman buildah runc catatonit mmdebstrap
+image:
+	bash scripts/ensure_system_tools.sh $(IMAGE_TOOLS)
+	MODEL_DIR="$(MODEL_DIR)" bash scripts/build_image.sh cpu
+
+image-gpu:
+	bash scripts/ensure_system_tools.sh $(IMAGE_TOOLS)
+	MODEL_DIR="$(MODEL_DIR)" bash scripts/build_image.sh gpu
+
+# Builds vae-serve:cpu and runs it with podman: hardened run, RPCs, drain, tampered model, kube play.
+image-test: $(STAMP)
+	bash scripts/ensure_system_tools.sh $(IMAGE_TOOLS)
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/integration/image_checks.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check training serving tests benchmarks

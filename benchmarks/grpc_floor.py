@@ -11,8 +11,8 @@ cost for each way grpcio can serve Python code:
     aio-uvloop    grpc.aio server on uvloop (what `python -m serving` runs)
     sync-N        grpc.server (the thread-pool server) with N worker threads
 
-Each server answers every unary method with an empty message without decoding the request (no protobuf
-work at all). It runs in its own process pinned to CPU 0; h2load (nghttp2's C load generator, Debian
+Each server (`loadgen.null_server`) answers every unary method with an empty message without decoding
+the request (no protobuf work at all). It runs in its own process pinned to CPU 0; h2load (nghttp2's C load generator, Debian
 `nghttp2-client`) sends `--requests` single-row Encode requests over one connection with `--streams`
 (64) in flight, pinned to CPU 1, so the client is never the limit. Server CPU comes from /proc (every
 thread of the process). Kinds run interleaved in `--rounds` rounds; the median round is reported.
@@ -22,81 +22,22 @@ Prints a table and writes one JSON document (`--out`).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from benchmarks.run import PIN, WORK, Server, pinned
-from serving.bench import build_requests, proc_cpu_s
-from serving.config import write_ready_file
+from loadgen.procstat import proc_cpu_s
+from loadgen.requests import build_requests
 
 KINDS: tuple[str, ...] = ("aio-asyncio", "aio-uvloop", "sync-1", "sync-4", "sync-16", "sync-64")
 ENCODE_PATH = "/vae.v1.VaeService/Encode"
-
-
-# -- the servers ---------------------------------------------------------------------------------------
-
-class _Nothing(grpc.GenericRpcHandler):
-    """Every unary method answers b"" (no (de)serialisers: the handler sees and returns raw bytes)."""
-
-    def __init__(self, is_async: bool) -> None:
-        async def nothing_async(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            return b""
-
-        def nothing(request: bytes, context: grpc.ServicerContext) -> bytes:
-            return b""
-
-        self._handler = grpc.unary_unary_rpc_method_handler(nothing_async if is_async else nothing)
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        return self._handler
-
-
-def serve(kind: str, ready_file: Path) -> None:
-    """Run a do-nothing server of `kind` on a free loopback port until SIGTERM."""
-    if kind.startswith("sync-"):
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(kind.split("-", 1)[1])))
-        server.add_generic_rpc_handlers((_Nothing(is_async=False),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        write_ready_file(ready_file, port, -1)
-        stop.wait()
-        server.stop(0)
-        return
-
-    async def main() -> None:
-        aio_server = grpc.aio.server()
-        aio_server.add_generic_rpc_handlers((_Nothing(is_async=True),))
-        bound = aio_server.add_insecure_port("127.0.0.1:0")
-        await aio_server.start()
-        done = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
-        write_ready_file(ready_file, bound, -1)
-        await done.wait()
-        await aio_server.stop(0)
-
-    if kind == "aio-uvloop":
-        import uvloop
-
-        uvloop.run(main())
-    elif kind == "aio-asyncio":
-        asyncio.run(main())
-    else:
-        raise SystemExit(f"--serve: expected one of {', '.join(KINDS)}, got {kind!r}")
 
 
 # -- the driver ------------------------------------------------------------------------------------------
@@ -125,9 +66,9 @@ def h2load_encode(port: int, pid: int, requests: int, streams: int, body: Path) 
 def measure(kind: str, requests: int, streams: int, work: Path) -> dict[str, Any]:
     """Start a `kind` server pinned to CPU 0 (benchmarks.run.Server), warm it up, drive it once, stop it."""
     WORK.mkdir(parents=True, exist_ok=True)
-    server = Server([sys.executable, "-m", "benchmarks.grpc_floor", "--serve", kind], f"floor-{kind}")
+    server = Server([sys.executable, "-m", "loadgen.null_server", "--kind", kind], f"floor-{kind}")
     try:
-        port, pid = server.info["grpc_port"], server.info["pid"]
+        port, pid = server.grpc_port, server.pid
         body = work / "encode1.grpc"
         h2load_encode(port, pid, min(2000, requests), streams, body)  # warm-up
         r = h2load_encode(port, pid, requests, streams, body)
@@ -166,12 +107,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=20000, help="requests per measurement")
     p.add_argument("--streams", type=int, default=64, help="requests in flight (h2load -m)")
     p.add_argument("--out", type=Path, help="write the results JSON here")
-    p.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one server (a child process)
-    p.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.serve:
-        serve(args.serve, args.ready_file)
-        return
     if args.rounds < 1 or args.requests < 1 or args.streams < 1:
         p.error("--rounds, --requests and --streams must be >= 1")
     res = run(args.kinds, args.rounds, args.requests, args.streams)

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 ANALYSIS = REPO / "benchmarks" / "analysis.md"
 TRAIN_ANALYSIS = REPO / "benchmarks" / "train_analysis.md"
+IMAGE = REPO / "benchmarks" / "image.md"  # hand-written container image figures (make image-test)
 OUT = REPO / "BENCHMARKS.md"
 CONCURRENCY = (1, 8, 64)
 # Issue 7's reference, measured on this machine (Triton 2.51 Python backend; a plain unbatched grpcio server).
@@ -326,7 +327,7 @@ def render(res: dict[str, Any]) -> None:
             "Commands (server, then load generator; ports come from the ready file):", "", "```",
             ("taskset -c 0 python -m serving --model-dir runs/bench/exported --host 127.0.0.1 --port 0 "
             "--metrics-port 0 --providers cpu --log-level WARNING [--max-batch-size 1] --ready-file R"),
-            ("taskset -c 1 python -m serving.bench --ready-file R --rpc {encode,sample} --concurrency C --rows B "
+            ("taskset -c 1 python -m loadgen --ready-file R --rpc {encode,sample} --concurrency C --rows B "
             f"--duration-s {s['duration_s']:g} --warmup-s 1"), "```", "", serving_table(res), "",
             "![throughput and p99 vs concurrency](benchmarks/results/throughput_p99_vs_concurrency.png)", "",
             "![latency distribution at C=64](benchmarks/results/latency_distribution_c64.png)", ""]
@@ -339,7 +340,7 @@ def render(res: dict[str, Any]) -> None:
         out.append("")
     null = res["null_server"]
     out += ["## The load generator's ceiling", "",
-            ("`python -m serving.bench --null-server` is a grpc.aio server (uvloop, like the real server) that answers every method "
+            ("`python -m loadgen.null_server` is a grpc.aio server (uvloop, like the real server) that answers every method "
             "with an empty message without decoding the request; it runs on CPU 0 like the real server."), "",
             "| load | req/s | p50 ms | p99 ms | server cores | server us CPU/req | gen cores | gen us CPU/req |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -426,5 +427,7 @@ def render(res: dict[str, Any]) -> None:
         d = tr["demo"]
         out += [f"`make demo` end to end: {d['wall_s']:.1f} s ({d['status']})." if "wall_s" in d
                 else f"`make demo`: not timed ({d['status']}).", ""]
+    if IMAGE.is_file():
+        out += [IMAGE.read_text().rstrip(), ""]
     out += ["## Plots", ""] + [f"- benchmarks/results/{n}" for n in names] + [""]
     OUT.write_text("\n".join(out))

@@ -23,13 +23,15 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from loadgen.process import LocalServer
+from loadgen.process import serving_cmd as loadgen_serving_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -78,44 +80,18 @@ def prepare_model(reuse: bool) -> Path:
 
 # -- servers -------------------------------------------------------------------------------------------
 
-class Server:
-    """`python -m serving` (or the null server) pinned to CPU 0, started on port 0 with a ready file."""
-
-    def __init__(self, cmd: list[str], name: str) -> None:
-        self.ready = WORK / f"{name}.ready.json"
-        self.ready.unlink(missing_ok=True)
-        self.log_path = WORK / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_SERVE_")}
-        self.t0 = time.perf_counter()
-        with open(self.log_path, "wb") as f:
-            self.proc = subprocess.Popen(pinned(0, cmd + ["--ready-file", str(self.ready)]), cwd=REPO,
-                                         stdout=f, stderr=subprocess.STDOUT, env=env)
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.perf_counter() - self.t0 > 120:
-                self.stop()
-                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.005)
-        self.start_s = time.perf_counter() - self.t0
-        self.info = json.loads(self.ready.read_text())
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+def Server(cmd: list[str], name: str) -> LocalServer:  # reads as the class it returns
+    """`python -m serving` (or a null server) pinned to CPU 0, on port 0, known through its ready file."""
+    return LocalServer.start(pinned(0, cmd), WORK, name, cwd=REPO)
 
 
 def serving_cmd(model_dir: Path, extra: list[str]) -> list[str]:
-    return [PY, "-m", "serving", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", "0", "--providers", "cpu", "--log-level", "WARNING", *extra]
+    return [*loadgen_serving_cmd(model_dir, "--log-level", "WARNING"), *extra]
 
 
 def bench(ready: Path, rpc: str, c: int, b: int, duration_s: float, extra: list[str] | None = None
           ) -> dict[str, Any]:
-    cmd = pinned(1, [PY, "-m", "serving.bench", "--ready-file", str(ready), "--rpc", rpc, "--concurrency",
+    cmd = pinned(1, [PY, "-m", "loadgen", "--ready-file", str(ready), "--rpc", rpc, "--concurrency",
                      str(c), "--rows", str(b), "--duration-s", str(duration_s), "--warmup-s", "1",
                      *(extra or [])])
     out = sh(cmd, duration_s + 120).stdout.strip().splitlines()
@@ -128,13 +104,13 @@ def bench(ready: Path, rpc: str, c: int, b: int, duration_s: float, extra: list[
 
 def startup(model_dir: Path, n: int = 5) -> dict[str, Any]:
     """Start-to-SERVING (process start to ready file) and idle PSS one second after SERVING."""
-    from serving.bench import proc_memory_mb
+    from loadgen.procstat import proc_memory_mb
 
     times, pss = [], []
     for i in range(n):
         s = Server(serving_cmd(model_dir, []), f"startup{i}")
         time.sleep(1.0)
-        pss.append(proc_memory_mb(s.info["pid"])["pss_mb"])
+        pss.append(proc_memory_mb(s.pid)["pss_mb"])
         times.append(s.start_s)
         s.stop()
     return {"start_to_serving_s": times, "idle_pss_mb": pss,
@@ -144,15 +120,15 @@ def startup(model_dir: Path, n: int = 5) -> dict[str, Any]:
 
 def null_ceiling(duration_s: float) -> dict[str, Any]:
     """The do-nothing server (the generator's ceiling), and one that only does Encode's protobuf work."""
-    s = Server([PY, "-m", "serving.bench", "--null-server", "--stop-after-s", "600"], "null")
+    s = Server([PY, "-m", "loadgen.null_server", "--kind", "aio-uvloop", "--stop-after-s", "600"], "null")
     try:
-        runs = [bench(s.ready, "encode", c, 1, duration_s) for c in (1, 8, 64)]
-        h2 = h2load_ceiling(s.info["grpc_port"], s.info["pid"])
+        runs = [bench(s.ready_path, "encode", c, 1, duration_s) for c in (1, 8, 64)]
+        h2 = h2load_ceiling(s.grpc_port, s.pid)
     finally:
         s.stop()
-    s = Server([PY, "-m", "serving.bench", "--null-server", "--proto", "--stop-after-s", "600"], "null-proto")
+    s = Server([PY, "-m", "loadgen.null_server", "--kind", "aio-uvloop", "--proto", "--stop-after-s", "600"], "null-proto")
     try:
-        proto = [bench(s.ready, "encode", c, b, duration_s) for c, b in ((64, 1), (8, 64))]
+        proto = [bench(s.ready_path, "encode", c, b, duration_s) for c, b in ((64, 1), (8, 64))]
     finally:
         s.stop()
     return {"runs": runs, "h2load": h2, "proto_runs": proto}
@@ -169,7 +145,7 @@ def c1_alternating(model_dir: Path, pairs: int = 6, duration_s: float = 2.0) -> 
     try:
         for _ in range(pairs):
             for mode, s in servers.items():
-                r = bench(s.ready, "encode", 1, 1, duration_s, ["--warmup-s", "0.5"])
+                r = bench(s.ready_path, "encode", 1, 1, duration_s, ["--warmup-s", "0.5"])
                 p50[mode].append(r["latency_ms"]["p50"])
     finally:
         for s in servers.values():
@@ -186,7 +162,7 @@ def delay_sweep(model_dir: Path, duration_s: float) -> list[dict[str, Any]]:
         s = Server(serving_cmd(model_dir, ["--max-queue-delay-us", str(delay)]), f"delay{delay}")
         try:
             for c in (8, 64):
-                out.append(bench(s.ready, "encode", c, 1, duration_s) | {"max_queue_delay_us": delay})
+                out.append(bench(s.ready_path, "encode", c, 1, duration_s) | {"max_queue_delay_us": delay})
         finally:
             s.stop()
     return out
@@ -221,13 +197,13 @@ def serving_scenarios(model_dir: Path, rounds: int, duration_s: float) -> dict[s
                 log(f"round {r + 1}/{rounds}, {mode}: {len(SCENARIOS)} scenarios")
                 for rpc, c, b in SCENARIOS:
                     extra = ["--latencies-out", str(WORK / f"lat_{mode}_{rpc}_c{c}_r{r}.npy")] if c == 64 else []
-                    runs.setdefault(f"{mode}/{rpc}/c{c}/b{b}", []).append(bench(s.ready, rpc, c, b, duration_s,
+                    runs.setdefault(f"{mode}/{rpc}/c{c}/b{b}", []).append(bench(s.ready_path, rpc, c, b, duration_s,
                                                                                  extra))
                 if r == 0:  # once per mode: an open loop, and the OIP path
                     runs.setdefault(f"{mode}/encode/open1000/b1", []).append(
-                        bench(s.ready, "encode", 1, 1, duration_s, ["--rate", "1000"]))
+                        bench(s.ready_path, "encode", 1, 1, duration_s, ["--rate", "1000"]))
                     runs.setdefault(f"{mode}/infer-encoder/c64/b1", []).append(
-                        bench(s.ready, "infer-encoder", 64, 1, duration_s))
+                        bench(s.ready_path, "infer-encoder", 64, 1, duration_s))
             finally:
                 s.stop()
     import numpy as np
@@ -253,14 +229,14 @@ def profile(model_dir: Path, py_spy: str, seconds: int = 10) -> dict[str, Any] |
     s = Server(serving_cmd(model_dir, []), "profile")
     raw = WORK / "profile_encode_c64.txt"
     try:
-        cmd = pinned(1, [PY, "-m", "serving.bench", "--ready-file", str(s.ready), "--rpc", "encode", "-c", "64",
+        cmd = pinned(1, [PY, "-m", "loadgen", "--ready-file", str(s.ready_path), "--rpc", "encode", "-c", "64",
                          "--duration-s", str(seconds + 3), "--warmup-s", "1"])
         load = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(2)
         # --gil: only the thread holding the GIL, i.e. the event loop's work that saturates CPU 0 (ONNX
         # Runtime releases the GIL and shows up only around its calls); time in grpc's Cython core and
         # uvloop shows as the Python frame that called them (Runner.run: the event loop itself).
-        spy = [py_spy, "record", "--pid", str(s.info["pid"]), "--duration", str(seconds), "--rate", "200",
+        spy = [py_spy, "record", "--pid", str(s.pid), "--duration", str(seconds), "--rate", "200",
                "--format", "raw", "--threads", "--gil", "--nonblocking", "--output", str(raw)]
         subprocess.run(pinned(1, spy), check=False, cwd=REPO, capture_output=True, timeout=seconds + 60)
         load.wait(seconds + 60)

@@ -4,13 +4,18 @@
 #   scripts/ensure_system_tools.sh            # with no argument: prometheus promtool
 #   prometheus, promtool  <- Debian package `prometheus` (tests/integration/test_deploy.py, test_prometheus.py)
 #   h2load                <- Debian package `nghttp2-client` (benchmarks/grpc_floor.py and its test)
+#   podman buildah runc catatonit mmdebstrap skopeo  <- the Debian packages of the same names
+#                         (`make image` / `make image-test`: scripts/build_image.sh, tests/integration/image_checks.py;
+#                         runc rather than crun: see scripts/podman/containers.conf)
 # Idempotent and fast when everything is present (no apt call at all). Installs only as root with
 # apt-get (CI containers); elsewhere it prints what is missing and the tests that need it skip, saying why.
 # Note: on a host running systemd, installing the package also starts a prometheus service on :9090;
 # the tests never use fixed ports, so they do not collide with it.
 set -euo pipefail
 
-declare -A PACKAGE_OF=([prometheus]=prometheus [promtool]=prometheus [h2load]=nghttp2-client)
+declare -A PACKAGE_OF=([prometheus]=prometheus [promtool]=prometheus [h2load]=nghttp2-client
+                       [podman]=podman [buildah]=buildah [runc]=runc [catatonit]=catatonit
+                       [mmdebstrap]=mmdebstrap [skopeo]=skopeo)
 tools=("$@")
 [[ ${#tools[@]} -eq 0 ]] && tools=(prometheus promtool)
 

@@ -10,6 +10,8 @@
 #   monitoring  CRDs and wiring (deploy/k8s/check_monitoring.py) + PrometheusRule up to date with rules.yml
 #   promtool    promtool check rules (rules.yml, each rendered PrometheusRule spec, adapter queries)
 #               and promtool test rules deploy/prometheus/rules_test.yml
+#   kserve      render deploy/kserve (same renderer), deploy/kserve/check_kserve.py (KServe CRD fields and
+#               wiring, by hand: no schema exists offline) and kubernetes-validate --strict of the runtime's pod
 #   hadolint    hadolint deploy/Dockerfile
 # Rendered files go to VALIDATE_OUT (default: a fresh temporary directory). Exit status 0 = all passed.
 set -euo pipefail
@@ -27,18 +29,19 @@ tool() {  # the venv's copy of a tool, else the one on PATH
   else echo "validate_deploy: $1 not found (install it: see scripts/ensure_system_tools.sh)" >&2; return 1; fi
 }
 
-step_render() {
+render_dir() {  # render_dir KUSTOMIZATION_DIR OUT_FILE
   local renderer=${VAE_DEPLOY_RENDERER:-}
   if [[ -z $renderer ]]; then
     if command -v kubectl >/dev/null && kubectl kustomize --help >/dev/null 2>&1; then renderer=kubectl
     else renderer=python; fi
   fi
-  for dir in "${OVERLAYS[@]}"; do
-    local name; name=$(basename "$dir")
-    if [[ $renderer == kubectl ]]; then kubectl kustomize "$dir" >"$OUT/$name.yaml"
-    else "$PY" deploy/k8s/render.py "$dir" >"$OUT/$name.yaml"; fi
-    echo "render: $dir -> $OUT/$name.yaml ($renderer, $(grep -c '^kind:' "$OUT/$name.yaml") objects)"
-  done
+  if [[ $renderer == kubectl ]]; then kubectl kustomize "$1" >"$2"
+  else "$PY" deploy/k8s/render.py "$1" >"$2"; fi
+  echo "render: $1 -> $2 ($renderer, $(grep -c '^kind:' "$2") objects)"
+}
+
+step_render() {
+  for dir in "${OVERLAYS[@]}"; do render_dir "$dir" "$OUT/$(basename "$dir").yaml"; done
 }
 
 rendered() { for dir in "${OVERLAYS[@]}"; do echo "$OUT/$(basename "$dir").yaml"; done; }
@@ -81,13 +84,20 @@ step_promtool() {
   done
 }
 
+step_kserve() {
+  render_dir deploy/kserve "$OUT/kserve.yaml"
+  "$PY" deploy/kserve/check_kserve.py "$OUT/kserve.yaml" --out "$OUT/kserve"
+  local kv; kv=$(tool kubernetes-validate)
+  for v in $KUBE_VERSIONS; do "$kv" --strict --kubernetes-version "$v" "$OUT/kserve/kserve-pod.yaml"; done
+}
+
 step_hadolint() {
   local hl; hl=$(tool hadolint)
   "$hl" deploy/Dockerfile
   echo "hadolint: deploy/Dockerfile clean ($("$hl" --version))"
 }
 
-steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(render kubernetes monitoring promtool hadolint)
+steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(render kubernetes monitoring promtool kserve hadolint)
 for s in "${steps[@]}"; do
   declare -F "step_$s" >/dev/null || { echo "validate_deploy: unknown step $s" >&2; exit 2; }
   echo "== $s"

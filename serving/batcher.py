@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import queue
 import threading
@@ -39,7 +40,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.errors import DeadlineExpired, QueueFull, ShuttingDown
+from serving.errors import DeadlineExpired, InvalidInput, QueueFull, ShuttingDown
 from serving.metrics import ModelMetrics
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class _Request:
         self.taken = 0
         self.deadline = deadline
         self.t_enqueue = t_enqueue
-        self.parts: list[Outputs] | None = None  # only for requests split across batches
+        self.parts: Outputs | None = None  # the whole outputs of a request split across batches
 
 
 # (request, first row, row count): a slice of one request inside a batch.
@@ -91,6 +92,7 @@ class Batcher:
             raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_queue_delay_us >= 0")
         self.runner = runner
         self.name = runner.name
+        self._input_name: str = getattr(runner, "input_name", "input")  # named in errors
         self.max_batch_size = max_batch_size
         self.max_queue_rows = max_queue_rows
         self._delay_s = max_queue_delay_us * 1e-6
@@ -99,7 +101,7 @@ class Batcher:
         self._queued_rows = 0
         self._busy = False  # a batch is on the runner thread (or about to be dispatched)
         self._jobs: queue.SimpleQueue[tuple[list[_Slice], int] | None] = queue.SimpleQueue()
-        self._results: deque[tuple[list[_Slice], int, Outputs | BaseException, float]] = deque()
+        self._results: deque[tuple[list[_Slice], int, Outputs | BaseException, float, np.ndarray | None]] = deque()
         self._wake_r, self._wake_w = -1, -1
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -218,7 +220,8 @@ class Batcher:
         while self._results:
             self._finished(*self._results.popleft())
 
-    def _finished(self, batch: list[_Slice], rows: int, outs: Outputs | BaseException, dt: float) -> None:
+    def _finished(self, batch: list[_Slice], rows: int, outs: Outputs | BaseException, dt: float,
+                  bad: np.ndarray | None) -> None:
         """Back on the event loop after a run: deliver results, then start the next batch at once."""
         if isinstance(outs, BaseException):
             logger.error("%s: run of %d rows failed", self.name, rows, exc_info=outs)
@@ -231,7 +234,7 @@ class Batcher:
                 self._m.batch_size.observe(rows)
                 self._m.rows.inc(rows)
                 self._m.batches.inc()
-            self._deliver(batch, outs)
+            self._deliver(batch, outs, bad)
         q = self._queue
         if q and self._delay_s > 0 and self._queued_rows < self.max_batch_size:
             # A partial batch: requests answered just now are likely to send their next one; let
@@ -270,22 +273,32 @@ class Batcher:
                 q.popleft()
         return batch, rows
 
-    def _deliver(self, batch: list[_Slice], outs: Outputs) -> None:
-        """Hand each request its rows (views into the batch outputs); reassemble split requests."""
+    def _deliver(self, batch: list[_Slice], outs: Outputs, bad: np.ndarray | None = None) -> None:
+        """Hand each request its rows (views into the batch outputs); reassemble split requests.
+
+        A request with a non-finite output row (`bad`) fails with InvalidInput instead: never NaN under OK.
+        """
         offset = 0
         for req, start, count in batch:
             end = offset + count
+            if bad is not None and not req.fut.done() and bad[offset:end].any():
+                row = start + int(np.flatnonzero(bad[offset:end])[0])
+                req.fut.set_exception(InvalidInput(
+                    self._input_name, "values the model maps to finite outputs",
+                    f"row {row}, whose {self.name} outputs overflow float32 (NaN or Inf)", self.name))
+                req.parts = None
             if not req.fut.done():
-                part = [o[offset:end] for o in outs]
                 if start == 0 and count == req.n:
-                    req.fut.set_result(part)
+                    req.fut.set_result([o[offset:end] for o in outs])
                 else:
+                    # A split request: its outputs are allocated once and filled batch by batch (one
+                    # copy; collecting parts and concatenating them would hold each output twice).
                     if req.parts is None:
-                        req.parts = []
-                    req.parts.append(part)
+                        req.parts = [np.empty((req.n, *o.shape[1:]), dtype=o.dtype) for o in outs]
+                    for whole, o in zip(req.parts, outs):
+                        whole[start:start + count] = o[offset:end]
                     if start + count == req.n:
-                        req.fut.set_result([np.concatenate([p[k] for p in req.parts])
-                                            for k in range(len(outs))])
+                        req.fut.set_result(req.parts)
                         req.parts = None
             offset = end
 
@@ -297,12 +310,14 @@ class Batcher:
             if job is None:
                 return
             batch, rows = job
+            bad: np.ndarray | None = None
             try:
                 outs, dt = self._compute(batch, rows)
                 result: Outputs | BaseException = outs
+                bad = self._nonfinite_rows(outs)  # here, off the event loop
             except Exception as e:  # noqa: BLE001  # the run failed: every request in this batch fails with it
                 result, dt = e, 0.0
-            self._results.append((batch, rows, result, dt))  # deque.append: thread-safe
+            self._results.append((batch, rows, result, dt, bad))  # deque.append: thread-safe
             try:
                 os.write(self._wake_w, b"\0")
             except OSError:  # the pipe is closed: nobody is waiting any more
@@ -321,3 +336,13 @@ class Batcher:
             if o.shape[0] != rows:
                 raise RuntimeError(f"{self.name}: runner returned {o.shape[0]} rows for {rows}")
         return outs, dt
+
+    def _nonfinite_rows(self, outs: Outputs) -> np.ndarray | None:
+        """Rows of the batch where some output is NaN or Inf (extreme finite inputs can overflow the
+        model), or None when every output is finite: a finite sum proves that at the cost of one pass."""
+        if all(math.isfinite(float(o.sum())) for o in outs):
+            return None
+        bad = np.zeros(outs[0].shape[0], dtype=bool)
+        for o in outs:
+            bad |= ~np.isfinite(o.reshape(o.shape[0], -1)).all(axis=1)
+        return bad if bad.any() else None

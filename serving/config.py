@@ -32,14 +32,20 @@ class ServeConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090
+    metrics_host: str = ""
+    metrics_tls: bool = False
     providers: str = "auto"
     intra_op_threads: int = 1
     max_batch_size: int = 256
     max_queue_delay_us: int = 500
     max_queue_rows: int = 16384
     max_sample_count: int = 4096
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_inflight_bytes: int = 256 * 1024 * 1024
     grace_period_s: float = 10.0
+    drain_delay_s: float = 2.0
+    max_concurrent_rpcs: int = 4096
+    max_connection_age_s: float = 300.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -58,7 +64,13 @@ class ServeConfig:
              f"an integer >= max_batch_size ({self.max_batch_size})"),
             ("max_sample_count", self.max_sample_count >= 1, "an integer >= 1"),
             ("max_message_bytes", self.max_message_bytes >= 1024, "an integer >= 1024"),
+            ("max_inflight_bytes", self.max_inflight_bytes >= 0, "an integer >= 0 (0 = no limit)"),
             ("grace_period_s", self.grace_period_s >= 0, "a number >= 0"),
+            ("drain_delay_s", self.drain_delay_s >= 0, "a number >= 0"),
+            ("max_concurrent_rpcs", self.max_concurrent_rpcs >= 0, "an integer >= 0 (0 = no limit)"),
+            ("max_connection_age_s", self.max_connection_age_s >= 0, "a number >= 0 (0 = no limit)"),
+            ("metrics_tls", not self.metrics_tls or self.tls_cert is not None,
+             "only with --tls-cert and --tls-key (the metrics port uses the same files)"),
             ("log_level", self.log_level in LOG_LEVELS, f"one of {LOG_LEVELS}"),
             ("tls_key", (self.tls_cert is None) == (self.tls_key is None),
              "--tls-cert and --tls-key given together"),
@@ -93,6 +105,20 @@ def _opt_path(s: str) -> Path | None:
     return Path(s) if s else None
 
 
+def _bool(s: str | bool) -> bool:
+    if isinstance(s, bool):
+        return s
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {s!r}")
+
+
+_bool.__name__ = "bool"
+
+
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """The one parser of `python -m serving`; defaults come from `env` where set."""
     d = ServeConfig()
@@ -117,6 +143,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--host", str, "address to bind for gRPC and metrics")
     add("--port", int, "gRPC port; 0 = any free port (see --ready-file)")
     add("--metrics-port", int, "Prometheus /metrics HTTP port; 0 = any free port, -1 = off")
+    add("--metrics-host", str, "address to bind the metrics port (empty = the same as --host)")
+    add("--metrics-tls", _bool, "serve /metrics over TLS with --tls-cert/--tls-key (and --tls-client-ca)",
+        nargs="?", const=True)
     add("--providers", str, "ONNX Runtime providers: auto (CUDA if it really works, else CPU), cuda, cpu",
         choices=PROVIDER_CHOICES)
     add("--intra-op-threads", int, "ONNX Runtime intra-op threads per session (0 = ORT default)")
@@ -125,7 +154,16 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--max-queue-rows", int, "queued rows per model before RESOURCE_EXHAUSTED")
     add("--max-sample-count", int, "largest Sample count")
     add("--max-message-bytes", int, "largest gRPC message received or sent")
+    add("--max-inflight-bytes", int, "budget of request and response bytes (times the copies each needs) "
+                                     "held by RPCs at once; over it, RESOURCE_EXHAUSTED (0 = no limit)")
     add("--grace-period-s", float, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    add("--drain-delay-s", float, "on SIGTERM, seconds of serving on after health turns NOT_SERVING, before "
+                                  "new RPCs are refused (load balancers stop sending meanwhile); SIGINT skips it")
+    add("--max-connection-age-s", float, "close each client connection after this long (GOAWAY; its RPCs get "
+                                         "--grace-period-s): spreads reconnects over replicas and ends calls a "
+                                         "client left open without a message (0 = never)")
+    add("--max-concurrent-rpcs", int, "RPCs handled at once, over all connections, before RESOURCE_EXHAUSTED "
+                                      "(0 = no limit)")
     add("--tls-cert", _opt_path, "server certificate chain (PEM); enables TLS")
     add("--tls-key", _opt_path, "server private key (PEM)")
     add("--tls-client-ca", _opt_path, "CA bundle (PEM) for client certificates; enables mutual TLS")

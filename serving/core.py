@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from serving.batcher import Batcher
+from serving.budget import RESPONSE_COPIES, current_lease
 from serving.config import ServeConfig
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, ResponseTooLarge
 from serving.metrics import Metrics
 from serving.runtime import LoadedModel
 from serving.tensors import F32
@@ -27,6 +28,10 @@ from serving.tensors import F32
 LOG_2PI = math.log(2.0 * math.pi)
 # ELBO terms of more elements than this are computed off the event loop.
 _INLINE_ELEMENTS = 1 << 16
+# Room for a response's framing beside its tensor bytes (field tags, lengths, shapes, names).
+_RESPONSE_OVERHEAD_BYTES = 4096
+# Rows per chunk of the float64 ELBO arithmetic (bounds its temporaries).
+_ELBO_CHUNK_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -47,78 +52,99 @@ class VaeCore:
     def __init__(self, model: LoadedModel, config: ServeConfig, metrics: Metrics) -> None:
         self.model = model
         self.manifest = model.manifest
+        self.graphs = self.manifest.graphs  # the tensor contract: every input and output, from the manifest
         self.config = config
         self.metrics = metrics
         self.example_shape: tuple[int, ...] = tuple(self.manifest.example_shape)
         self.latent_dim = self.manifest.latent_dim
         self.max_rows = config.max_queue_rows
         self.ready = False  # set by the server once both models are loaded, warmed up and serving
-        self.encoder, self.decoder = (
-            Batcher(runner, max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
-                    max_queue_rows=config.max_queue_rows, metrics=metrics.models[runner.name])
-            for runner in (model.encoder, model.decoder))
-        enc_names, dec_names = model.encoder.output_names, model.decoder.output_names
-        self._i_mu, self._i_var = enc_names.index("mu"), enc_names.index("var")
-        self._i_logvar = enc_names.index("logvar") if "logvar" in enc_names else None
-        self._i_mean = dec_names.index("x_mean")
-        self._i_logits = dec_names.index("logits") if "logits" in dec_names else None
-        self._i_xvar = dec_names.index("x_var") if "x_var" in dec_names else None
+        self.batchers = {
+            runner.name: Batcher(runner, max_batch_size=config.max_batch_size,
+                                 max_queue_delay_us=config.max_queue_delay_us, max_queue_rows=config.max_queue_rows,
+                                 metrics=metrics.models[runner.name])
+            for runner in (model.encoder, model.decoder)}
+        self.encoder, self.decoder = self.batchers["encoder"], self.batchers["decoder"]
+        # Output positions by name, in the order the runners return them (the manifest's order).
+        self._index = {role: {n: i for i, n in enumerate(g.output_names())} for role, g in self.graphs.items()}
+        enc, dec = self._index["encoder"], self._index["decoder"]
+        self._i_mu, self._i_var, self._i_logvar = enc["mu"], enc["var"], enc["logvar"]
+        self._i_mean, self._i_logits, self._i_xvar = dec["x_mean"], dec.get("logits"), dec.get("x_var")
 
     def start(self) -> None:
-        self.encoder.start()
-        self.decoder.start()
+        for b in self.batchers.values():
+            b.start()
 
     async def close(self) -> None:
-        await self.encoder.close()
-        await self.decoder.close()
+        for b in self.batchers.values():
+            await b.close()
 
     # -- validation at the edge ---------------------------------------------------------------
 
-    def invalid(self, model: str, field: str, expected: str, got: str) -> InvalidInput:
-        """Count an invalid request against `model` and build the error to raise."""
-        self.metrics.models[model].rejected["invalid"].inc()
-        return InvalidInput(field, expected, got)
+    def input_tensor(self, model: str, field: str, shape: Sequence[int], data: bytes) -> np.ndarray:
+        """Validate and decode the input tensor of `model` (its one input in the manifest: x or z).
 
-    def input_tensor(self, model: str, field: str, shape: Sequence[int], data: bytes | None = None,
-                     values: Sequence[float] | None = None) -> np.ndarray:
-        """Validate and decode one input tensor for `model` ("encoder": x, "decoder": z).
-
-        `data` is raw little-endian float32 (decoded with np.frombuffer, no copy); `values` is a typed
-        list (Open Inference Protocol fp32_contents). Raises InvalidInput naming `field`.
+        `data` is raw little-endian float32 (decoded with np.frombuffer, no copy). Raises InvalidInput
+        naming `field`.
         """
-        tail = self.example_shape if model == "encoder" else (self.latent_dim,)
+        tail = self.graphs[model].input.tail
         shape = tuple(shape)  # proto repeated int64: ints already
         if len(shape) != 1 + len(tail) or shape[1:] != tail or not 1 <= shape[0] <= self.max_rows:
             want = f"shape (N, {', '.join(str(s) for s in tail)}) float32 with 1 <= N <= {self.max_rows}"
-            raise self.invalid(model, field, want, _shape_str(shape))
+            raise InvalidInput(field, want, _shape_str(shape), model)
         count = math.prod(shape)
-        if data is not None:
-            if len(data) != 4 * count:
-                raise self.invalid(model, field, f"{4 * count} bytes of float32 for shape {_shape_str(shape)}",
-                                    f"{len(data)} bytes")
-            arr = np.frombuffer(data, dtype=F32).reshape(shape)
-        else:
-            vals = values if values is not None else ()
-            if len(vals) != count:
-                raise self.invalid(model, field, f"{count} float32 values for shape {_shape_str(shape)}",
-                                    f"{len(vals)} values")
-            arr = np.asarray(vals, dtype=F32).reshape(shape)
+        if len(data) != 4 * count:
+            raise InvalidInput(field, f"{4 * count} bytes of float32 for shape {_shape_str(shape)}",
+                               f"{len(data)} bytes", model)
+        arr = np.frombuffer(data, dtype=F32).reshape(shape)
         # A finite sum proves every value finite (NaN and Inf propagate); only a non-finite sum, which
         # may also be an overflow of large finite values, needs the element-wise check.
         if not math.isfinite(float(arr.sum())) and not np.isfinite(arr).all():
             bad = int(np.argwhere(~np.isfinite(arr.reshape(shape[0], -1)))[0, 0])
-            raise self.invalid(model, field, "finite values", f"NaN or Inf in row {bad}")
+            raise InvalidInput(field, "finite values", f"NaN or Inf in row {bad}", model)
         return arr
+
+    def check_response_size(self, field: str, rows: int, floats_per_row: int, work_floats_per_row: int = 0) -> None:
+        """Refuse, before any compute, a request whose answer cannot fit in --max-message-bytes, then
+        reserve its answer (plus `work_floats_per_row` of outputs it needs but does not return) on the
+        RPC's lease of the bytes-in-flight budget."""
+        limit = self.config.max_message_bytes
+        size = 4 * rows * floats_per_row + _RESPONSE_OVERHEAD_BYTES
+        if size > limit:
+            fit = max(0, (limit - _RESPONSE_OVERHEAD_BYTES) // (4 * floats_per_row))
+            raise ResponseTooLarge(f"{field}: {rows} rows make a response of about {size:,} bytes, over "
+                                   f"--max-message-bytes {limit:,}; at most {fit} rows fit in one response")
+        lease = current_lease.get()
+        if lease is not None:
+            lease.reserve(RESPONSE_COPIES * (size + 4 * rows * work_floats_per_row), field)
+
+    def floats_per_row(self, model: str, outputs: Sequence[str] | None = None) -> int:
+        """float32 values per row in the named outputs of `model` (default: all of them)."""
+        specs = self.graphs[model].outputs
+        return sum(math.prod(t.tail) for t in specs if outputs is None or t.name in outputs)
 
     # -- operations -----------------------------------------------------------------------------
 
+    async def run(self, model: str, x: np.ndarray, deadline: float | None = None,
+                  outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run `model` on its validated input; the named outputs (default: every one the manifest
+        declares), by name."""
+        returned = self.floats_per_row(model, outputs)
+        self.check_response_size(self.graphs[model].input.name, x.shape[0], returned,
+                                 self.floats_per_row(model) - returned)
+        outs = await self.batchers[model].submit(x, deadline)
+        return {n: outs[i] for n, i in self._index[model].items() if outputs is None or n in outputs}
+
     async def encode(self, x: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """x (N, *example_shape) -> mu (N, d), var (N, d)."""
+        self.check_response_size("x", x.shape[0], 2 * self.latent_dim, self.latent_dim)  # + logvar
         outs = await self.encoder.submit(x, deadline)
         return outs[self._i_mu], outs[self._i_var]
 
     async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """z (N, d) -> x_mean (N, *example_shape)."""
+        x_size = self.manifest.example_size
+        self.check_response_size("z", z.shape[0], x_size, self.floats_per_row("decoder") - x_size)
         outs = await self.decoder.submit(z, deadline)
         return outs[self._i_mean]
 
@@ -129,10 +155,10 @@ class VaeCore:
         """
         limit = min(self.config.max_sample_count, self.max_rows)  # more could never fit in the queue
         if not 1 <= count <= limit:
-            raise self.invalid("decoder", "count", f"1 <= count <= {limit}", str(count))
+            raise InvalidInput("count", f"1 <= count <= {limit}", str(count), "decoder")
         t = 1.0 if temperature is None else float(temperature)
         if not (math.isfinite(t) and t > 0):
-            raise self.invalid("decoder", "temperature", "a finite number > 0", repr(t))
+            raise InvalidInput("temperature", "a finite number > 0", repr(t), "decoder")
         used = secrets.randbits(63) if seed is None else int(seed)
         z = np.random.default_rng(used).standard_normal((count, self.latent_dim), dtype=np.float32)
         if t != 1.0:
@@ -140,14 +166,22 @@ class VaeCore:
         return z, used
 
     async def sample(self, count: int, seed: int | None = None, temperature: float | None = None,
-                     deadline: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-        """-> x (count, *example_shape), z (count, d), the seed used."""
+                     deadline: float | None = None, return_z: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+        """-> x (count, *example_shape), z (count, d), the seed used. The response carries z only when
+        `return_z` (which only sizes the response check here)."""
         z, used = self.sample_z(count, seed, temperature)
-        return await self.decode(z, deadline), z, used
+        x_size = self.manifest.example_size
+        self.check_response_size("count", count, x_size + (self.latent_dim if return_z else 0),
+                                 self.floats_per_row("decoder") - x_size)
+        outs = await self.decoder.submit(z, deadline)
+        return outs[self._i_mean], z, used
 
     async def reconstruct(self, x: np.ndarray, use_mean: bool = True, seed: int | None = None,
                           deadline: float | None = None) -> Reconstruction:
         """Encode, take z = mu (or mu + sigma * eps), decode; with per-example ELBO terms."""
+        # Returned: x_hat and the two ELBO terms; made on the way: every encoder and decoder output.
+        self.check_response_size("x", x.shape[0], self.manifest.example_size + 2,
+                                 self.floats_per_row("encoder") + self.floats_per_row("decoder"))
         enc = await self.encoder.submit(x, deadline)
         mu, var = enc[self._i_mu], enc[self._i_var]
         used = 0
@@ -158,36 +192,51 @@ class VaeCore:
             eps = np.random.default_rng(used).standard_normal(mu.shape, dtype=np.float32)  # (N, d)
             z = mu + np.sqrt(var) * eps
         dec = await self.decoder.submit(np.ascontiguousarray(z, dtype=F32), deadline)
-        logvar = enc[self._i_logvar] if self._i_logvar is not None else None
+        logvar = enc[self._i_logvar]
         if x.size > _INLINE_ELEMENTS:
             ll, kl = await asyncio.get_running_loop().run_in_executor(
                 None, self._elbo_terms, x, dec, mu, var, logvar)
         else:
             ll, kl = self._elbo_terms(x, dec, mu, var, logvar)
+        if not (math.isfinite(float(ll.sum())) and math.isfinite(float(kl.sum()))):
+            bad = np.flatnonzero(~(np.isfinite(ll) & np.isfinite(kl)))  # a sum may overflow on finite rows
+            if bad.size:
+                raise InvalidInput("x", "values whose ELBO terms are finite in float32",
+                                   f"a non-finite recon_log_lik or kl in row {int(bad[0])}", "encoder")
         return Reconstruction(x_hat=dec[self._i_mean], recon_log_lik=ll, kl=kl, seed=used)
 
     def _elbo_terms(self, x: np.ndarray, dec: list[np.ndarray], mu: np.ndarray, var: np.ndarray,
-                    logvar: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """log P(x|z) (N,) and KL(N(mu, var) || N(0, I)) (N,), accumulated in float64."""
+                    logvar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """log P(x|z) (N,) and KL(N(mu, var) || N(0, I)) (N,), accumulated in float64.
+
+        Rows go through in chunks of `_ELBO_CHUNK_ROWS`, so the float64 temporaries stay a few MB
+        whatever the request size (a whole 16,384 x 784 request in float64 would be 100 MB per copy).
+        """
         n = x.shape[0]
-        xf = x.reshape(n, -1).astype(np.float64)
-        if self.manifest.likelihood == "bernoulli":
-            assert self._i_logits is not None  # the manifest guarantees it
-            logits = dec[self._i_logits].reshape(n, -1).astype(np.float64)
-            # x * l - softplus(l) == x log p + (1 - x) log(1 - p), stable for large |l|.
-            ll = (xf * logits - np.logaddexp(0.0, logits)).sum(axis=1)
-        else:
-            mean = dec[self._i_mean].reshape(n, -1).astype(np.float64)
-            if self.manifest.learned_variance:
-                assert self._i_xvar is not None  # the manifest guarantees it
-                v = dec[self._i_xvar].reshape(n, -1).astype(np.float64)
-                ll = -0.5 * ((xf - mean) ** 2 / v + np.log(v) + LOG_2PI).sum(axis=1)
-            else:  # unit variance
-                ll = -0.5 * ((xf - mean) ** 2 + LOG_2PI).sum(axis=1)
-        mu64, var64 = mu.astype(np.float64), var.astype(np.float64)
-        lv = logvar.astype(np.float64) if logvar is not None else np.log(var64)
-        kl = -0.5 * (1.0 + lv - mu64 ** 2 - var64).sum(axis=1)
-        return ll.astype(F32), kl.astype(F32)
+        ll = np.empty(n, dtype=np.float64)
+        xs = x.reshape(n, -1)
+        bern = self.manifest.likelihood == "bernoulli"
+        learned = self.manifest.learned_variance
+        for a in range(0, n, _ELBO_CHUNK_ROWS):
+            b = min(n, a + _ELBO_CHUNK_ROWS)
+            xf = xs[a:b].astype(np.float64)
+            if bern:
+                assert self._i_logits is not None  # the manifest guarantees it
+                logits = dec[self._i_logits][a:b].reshape(b - a, -1).astype(np.float64)
+                # x * l - softplus(l) == x log p + (1 - x) log(1 - p), stable for large |l|.
+                ll[a:b] = (xf * logits - np.logaddexp(0.0, logits)).sum(axis=1)
+            else:
+                mean = dec[self._i_mean][a:b].reshape(b - a, -1).astype(np.float64)
+                if learned:
+                    assert self._i_xvar is not None  # the manifest guarantees it
+                    v = dec[self._i_xvar][a:b].reshape(b - a, -1).astype(np.float64)
+                    ll[a:b] = -0.5 * ((xf - mean) ** 2 / v + np.log(v) + LOG_2PI).sum(axis=1)
+                else:  # unit variance
+                    ll[a:b] = -0.5 * ((xf - mean) ** 2 + LOG_2PI).sum(axis=1)
+        mu64, var64 = mu.astype(np.float64), var.astype(np.float64)  # (N, d): small
+        kl = -0.5 * (1.0 + logvar.astype(np.float64) - mu64 ** 2 - var64).sum(axis=1)
+        with np.errstate(over="ignore"):  # an overflow becomes inf, which reconstruct() refuses
+            return ll.astype(F32), kl.astype(F32)
 
     def info(self) -> dict[str, Any]:
         """Manifest facts, providers in use and batching settings (GetModelInfo)."""

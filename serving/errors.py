@@ -3,13 +3,16 @@
     ServeError                   base of every error the core raises on purpose
     ├── InvalidInput             INVALID_ARGUMENT: the message names the field, expected and got
     ├── QueueFull                RESOURCE_EXHAUSTED: the model's bounded queue has no room
+    ├── ResponseTooLarge         RESOURCE_EXHAUSTED: the answer would exceed --max-message-bytes
+    ├── MemoryBusy               RESOURCE_EXHAUSTED: the bytes in flight would exceed --max-inflight-bytes
     ├── DeadlineExpired          DEADLINE_EXCEEDED: the deadline passed while the request queued
     ├── ShuttingDown             UNAVAILABLE: the server is draining
     └── StartupError             not an RPC error: the server refuses to start (bad model, providers)
 
-Adapters (servicer.py, oip.py) never choose a status code themselves: they call `status_for`, which
-applies `STATUS_TABLE`; anything not in the table is INTERNAL with a generic message and a logged
-traceback, and the server keeps serving.
+Adapters (servicer.py, oip.py) never choose a status code themselves: `serving.rpc` calls `status_for`,
+which applies `STATUS_TABLE` (the one table: cancellation and deadlines are told apart there too, by
+`status_for_cancelled`); anything not in the table is INTERNAL with a generic message and a logged
+traceback, and the server keeps serving. Messages quote request values through `quote`, cut short.
 """
 
 from __future__ import annotations
@@ -25,16 +28,44 @@ class ServeError(Exception):
     """Base of the errors the serving core raises on purpose."""
 
 
-class InvalidInput(ServeError):
-    """A request field is malformed; the message names the field, what was expected and what arrived."""
+# What an error message quotes from a request is cut to this many characters: a 20,000-character model
+# name echoed back would not fit in the status trailer (gRPC's metadata limit) and would turn the answer
+# into RESOURCE_EXHAUSTED "metadata size exceeds hard limit".
+MAX_QUOTED_CHARS = 200
 
-    def __init__(self, field: str, expected: str, got: str) -> None:
-        super().__init__(f"{field}: expected {expected}, got {got}")
+
+def quote(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how long it was when cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
+class InvalidInput(ServeError):
+    """A request field is malformed; the message names the field, what was expected and what arrived.
+
+    `model` is the model the request was for ("encoder", "decoder") when known: the RPC wrapper
+    counts the rejection against it (`vae_rejections_total{reason="invalid"}`).
+    """
+
+    def __init__(self, field: str, expected: str, got: str, model: str | None = None) -> None:
+        super().__init__(f"{quote(field)}: expected {quote(expected, 400)}, got {quote(got)}")
         self.field = field
+        self.model = model
 
 
 class QueueFull(ServeError):
     """The model's queue holds --max-queue-rows rows already."""
+
+
+class ResponseTooLarge(ServeError):
+    """The response would be larger than --max-message-bytes; refused before compute when the size is
+    known from the request."""
+
+
+class MemoryBusy(ServeError):
+    """Admitting the request would put more than --max-inflight-bytes of request and response data in
+    flight; retry later (or elsewhere)."""
 
 
 class DeadlineExpired(ServeError):
@@ -52,11 +83,21 @@ class StartupError(ServeError):
 STATUS_TABLE: dict[type[ServeError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ResponseTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    MemoryBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+
+def status_for_cancelled(time_remaining: float | None) -> grpc.StatusCode:
+    """The code to count for a handler that grpc.aio cancelled: it does so both when the client cancels
+    and when the deadline passes; the time left tells them apart."""
+    if time_remaining is not None and time_remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:

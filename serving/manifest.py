@@ -18,6 +18,10 @@ Schema version 1, the keys that matter to a reader:
                      shape} with -1 for the dynamic batch dimension
     opset, created_at, versions {torch, onnx, onnxruntime}, training {config, metrics}, parity {...}
 
+The graph contract (which tensors each graph takes and gives, and their shapes) is written once, in
+`graph_specs`: `training.export` writes it into the manifest, `Manifest._check` requires it, and both
+serving protocol adapters read the manifest's `graphs` (never a table of their own).
+
 Errors:
 
     ManifestError             the manifest is missing, unreadable or does not match the schema
@@ -52,6 +56,11 @@ class TensorSpec:
     dtype: str
     shape: tuple[int, ...]  # -1 marks the dynamic batch dimension
 
+    @property
+    def tail(self) -> tuple[int, ...]:
+        """The shape of one row: without the batch dimension."""
+        return self.shape[1:]
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> TensorSpec:
         try:
@@ -70,6 +79,33 @@ class GraphSpec:
 
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    @property
+    def input(self) -> TensorSpec:
+        """The one input (every graph of a VAE export takes exactly one)."""
+        return self.inputs[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+
+def graph_specs(example_shape: tuple[int, ...], latent_dim: int, likelihood: str,
+                learned_variance: bool) -> dict[str, GraphSpec]:
+    """The one description of both graphs' inputs and outputs (float32, dynamic batch dimension -1).
+
+        encoder  x (N, *example_shape) -> mu, var, logvar (N, d)
+        decoder  z (N, d) -> x_mean (N, *example_shape), plus logits (Bernoulli) or x_var (learned
+                 Gaussian variance), each (N, *example_shape)
+    """
+    def spec(name: str, tail: tuple[int, ...]) -> TensorSpec:
+        return TensorSpec(name, "float32", (-1, *tail))
+
+    x, z = tuple(example_shape), (latent_dim,)
+    extra = ["logits"] if likelihood == "bernoulli" else (["x_var"] if learned_variance else [])
+    return {
+        "encoder": GraphSpec(inputs=(spec("x", x),), outputs=tuple(spec(n, z) for n in ("mu", "var", "logvar"))),
+        "decoder": GraphSpec(inputs=(spec("z", z),), outputs=tuple(spec(n, x) for n in ("x_mean", *extra))),
+    }
 
 
 @dataclass(frozen=True)
@@ -129,33 +165,43 @@ class Manifest:
         if self.latent_dim < 1 or not self.example_shape or min(self.example_shape) < 1:
             raise ManifestError(f"latent_dim/example_shape: expected positive sizes, got "
                                 f"{self.latent_dim}, {self.example_shape}")
-        enc, dec = self.graphs["encoder"], self.graphs["decoder"]
-        expect = {
-            "encoder input 'x'": (enc.inputs, "x", (-1, *self.example_shape)),
-            "encoder output 'mu'": (enc.outputs, "mu", (-1, self.latent_dim)),
-            "encoder output 'var'": (enc.outputs, "var", (-1, self.latent_dim)),
-            "decoder input 'z'": (dec.inputs, "z", (-1, self.latent_dim)),
-            "decoder output 'x_mean'": (dec.outputs, "x_mean", (-1, *self.example_shape)),
-        }
-        for what, (specs, name, shape) in expect.items():
-            found = [t for t in specs if t.name == name]
-            if not found:
-                raise ManifestError(f"{what}: expected in the manifest, got names {[t.name for t in specs]}")
-            if found[0].shape != shape or found[0].dtype != "float32":
-                raise ManifestError(f"{what}: expected float32 {list(shape)}, got {found[0].dtype} "
-                                    f"{list(found[0].shape)}")
-        # The decoder outputs the log-likelihood needs: logits (Bernoulli), x_var (learned Gaussian variance).
-        need = {"logits"} if self.likelihood == "bernoulli" else ({"x_var"} if self.learned_variance else set())
-        missing = need - {t.name for t in dec.outputs}
-        if missing:
-            raise ManifestError(f"decoder outputs: likelihood {self.likelihood!r} (learned_variance="
-                                f"{self.learned_variance}) needs {sorted(need)}, got {dec.output_names()}")
+        want = graph_specs(self.example_shape, self.latent_dim, self.likelihood, self.learned_variance)
+        for role, expected in want.items():
+            graph = self.graphs[role]
+            if graph.to_dict() != expected.to_dict():
+                raise ManifestError(
+                    f"{role}: expected inputs {_specs_str(expected.inputs)} and outputs "
+                    f"{_specs_str(expected.outputs)} for example_shape {list(self.example_shape)}, latent_dim "
+                    f"{self.latent_dim}, likelihood {self.likelihood!r} (learned_variance={self.learned_variance}), "
+                    f"got inputs {_specs_str(graph.inputs)} and outputs {_specs_str(graph.outputs)}")
         for key in ("offset", "scale"):
             v = self.normalization.get(key)
-            ok = isinstance(v, (int, float)) or (isinstance(v, list) and len(v) == self.example_size)
+            values = v if isinstance(v, list) else [v]
+            ok = (isinstance(v, (int, float)) or (isinstance(v, list) and len(v) == self.example_size)) and all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in values)
             if not ok:
-                raise ManifestError(f"normalization.{key}: expected a number or {self.example_size} numbers, "
-                                    f"got {type(v).__name__}")
+                raise ManifestError(f"normalization.{key}: expected a finite number or {self.example_size} finite "
+                                    f"numbers, got {_describe(v)}")
+            if key == "scale" and any(a == 0 for a in values):
+                raise ManifestError("normalization.scale: expected non-zero numbers, got a 0")
+        for role, entry in self.files.items():
+            p = Path(entry.path)
+            if p.is_absolute() or len(p.parts) != 1 or p.name in ("", ".", ".."):
+                raise ManifestError(f"files.{role}.path: expected a file name inside the model directory, "
+                                    f"got {entry.path[:200]!r}")
+            if entry.bytes < 1:
+                raise ManifestError(f"files.{role}.bytes: expected a size >= 1, got {entry.bytes}")
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, list):
+        bad = [a for a in v if not (isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a))]
+        return f"a list of {len(v)}" + (f" with {len(bad)} non-finite or non-numeric entries ({bad[0]!r})" if bad else "")
+    return repr(v)[:80]
+
+
+def _specs_str(specs: tuple[TensorSpec, ...]) -> str:
+    return "[" + ", ".join(f"{t.name} {t.dtype} {list(t.shape)}" for t in specs) + "]"
 
 
 def sha256_file(path: Path) -> str:
@@ -175,9 +221,12 @@ def load_manifest(model_dir: Path) -> Manifest:
     """Read and validate `model_dir/model.json` (does not verify checksums: see `verify_model_dir`)."""
     path = Path(model_dir) / MANIFEST_NAME
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as e:
         raise ManifestError(f"{path}: no manifest; export a model with `python -m training.export`") from e
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}); expected the JSON written by "
+                            f"`python -m training.export`") from e
     except (OSError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(d, dict):
@@ -191,6 +240,10 @@ def verify_files(model_dir: Path, manifest: Manifest) -> None:
         path = Path(model_dir) / entry.path
         if not path.is_file():
             raise ManifestError(f"files.{role}: {path} is missing")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise ChecksumMismatch(f"files.{role}: {path} has {size} bytes, the manifest expects {entry.bytes}; "
+                                   f"the file was modified, truncated or corrupted after export")
         actual = sha256_file(path)
         if actual != entry.sha256:
             raise ChecksumMismatch(f"files.{role}: {path} has sha256 {actual}, the manifest expects "

@@ -34,6 +34,32 @@ class ModelMetrics:
         self.rejected = {r: m.rejections.labels(model, r) for r in REJECTION_REASONS}
 
 
+class MethodMetrics:
+    """The per-method children `serving.rpc` touches: latency, in-flight count, answers by status code."""
+
+    __slots__ = ("_codes", "_requests", "duration", "inflight", "method")
+
+    def __init__(self, m: Metrics, method: str) -> None:
+        self.method = method
+        self.duration = m.request_duration.labels(method)
+        self.inflight = 0  # RPCs of this method being handled (event loop only); read at scrape time
+        self._requests = m.requests
+        self._codes: dict[str, Counter] = {}
+        m.inflight.labels(method).set_function(lambda: self.inflight)
+
+    def started(self) -> None:
+        self.inflight += 1
+
+    def finished(self, code: str, seconds: float) -> None:
+        """Record one answered RPC: before its status goes out, so a scrape right after it sees it."""
+        self.inflight -= 1
+        self.duration.observe(seconds)
+        c = self._codes.get(code)
+        if c is None:
+            c = self._codes[code] = self._requests.labels(self.method, code)
+        c.inc()
+
+
 class Metrics:
     """All metric families of one server."""
 
@@ -64,25 +90,14 @@ class Metrics:
         self.model_info = Gauge("model_info", "the model being served (value 1)",
                                 ("name", "version", "providers"), namespace=ns, registry=r)
         self.models = {name: ModelMetrics(self, name) for name in models}
-        self._method_children: dict[str, Histogram] = {}
-        self.inflight_counts: dict[str, int] = {}  # RPCs being handled, by method (event loop only)
-        self._code_children: dict[tuple[str, str], Counter] = {}
+        self._methods: dict[str, MethodMetrics] = {}
 
-    def method(self, method: str) -> Histogram:
-        """The latency histogram child of an RPC method (cached); also sets up its in-flight gauge."""
-        c = self._method_children.get(method)
-        if c is None:
-            c = self._method_children[method] = self.request_duration.labels(method)
-            self.inflight_counts.setdefault(method, 0)
-            counts = self.inflight_counts
-            self.inflight.labels(method).set_function(lambda: counts[method])
-        return c
-
-    def count_request(self, method: str, code: str) -> None:
-        c = self._code_children.get((method, code))
-        if c is None:
-            c = self._code_children[(method, code)] = self.requests.labels(method, code)
-        c.inc()
+    def method_metrics(self, method: str) -> MethodMetrics:
+        """The children of one RPC method (created, with its in-flight gauge, on the method's first call)."""
+        mm = self._methods.get(method)
+        if mm is None:
+            mm = self._methods[method] = MethodMetrics(self, method)
+        return mm
 
     def set_model_info(self, name: str, version: str, providers: Iterable[str]) -> None:
         self.model_info.labels(name, version, ",".join(providers)).set(1)

@@ -1,61 +1,60 @@
 """inference.GRPCInferenceService (Open Inference Protocol / KServe v2): a thin adapter over VaeCore.
 
-Models: `encoder` (input `x`, outputs `mu`, `var`) and `decoder` (input `z`, output `x_mean`), version
-"1" (the manifest version is accepted too). ModelInfer goes through the same validation, batcher,
-deadlines, back-pressure and metrics as vae.v1.VaeService (`handle`, `VaeCore.input_tensor`); errors are
-the codes Triton gives: INVALID_ARGUMENT for an unknown model, input name, datatype, shape or size, and
-for raw and typed contents mixed.
+Models: `encoder` and `decoder`, version "1" (the manifest version is accepted too). Their inputs and
+outputs are the manifest's graph specs, every one of them (encoder x -> mu, var, logvar; decoder z ->
+x_mean plus logits or x_var): ModelMetadata says exactly what the ONNX graphs produce, and ModelInfer
+returns any of them. ModelInfer goes through the same validation, batcher, deadlines, back-pressure and
+metrics as vae.v1.VaeService (`serving.rpc`, `VaeCore.input_tensor`); errors are the codes Triton gives:
+INVALID_ARGUMENT for an unknown model, input name, datatype, shape or size, and for raw and typed
+contents mixed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import grpc
 import numpy as np
 
+from serving import __version__
 from serving._proto.inference import grpc_service_pb2 as pb
-from serving._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.core import VaeCore
 from serving.errors import InvalidInput
+from serving.manifest import GraphSpec
 from serving.metrics import Metrics
-from serving.servicer import deadline_of, handle
-from serving.tensors import F32
+from serving.rpc import deadline_of
+from serving.tensors import F32, fp32_contents_bytes, set_fp32_contents
 
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVER_NAME = "vae-serve"
-SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
 MODEL_VERSION = "1"
-FP32 = "FP32"
+# Manifest dtype -> Open Inference Protocol datatype (the export writes float32 only).
+DATATYPES = {"float32": "FP32"}
+FP32 = DATATYPES["float32"]
 
 
-@dataclass(frozen=True)
-class _ModelSpec:
-    input_name: str
-    input_tail: tuple[int, ...]
-    outputs: dict[str, tuple[int, ...]]  # name -> shape without the batch dimension
-
-
-class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Open Inference Protocol over the shared core."""
+class OipServicer:
+    """Open Inference Protocol over the shared core (registered by `serving.rpc.add_service`)."""
 
     def __init__(self, core: VaeCore, metrics: Metrics) -> None:
         self.core = core
         self.metrics = metrics
-        d, shape = core.latent_dim, core.example_shape
-        self.models = {
-            "encoder": _ModelSpec("x", shape, {"mu": (d,), "var": (d,)}),
-            "decoder": _ModelSpec("z", (d,), {"x_mean": shape}),
-        }
+        self.models: dict[str, GraphSpec] = dict(core.graphs)
         self.versions = ("", MODEL_VERSION, core.manifest.version)
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        self._metadata = {
+            name: pb.ModelMetadataResponse(
+                name=name, versions=[MODEL_VERSION], platform=PLATFORM,
+                inputs=[meta(name=t.name, datatype=DATATYPES[t.dtype], shape=t.shape) for t in g.inputs],
+                outputs=[meta(name=t.name, datatype=DATATYPES[t.dtype], shape=t.shape) for t in g.outputs])
+            for name, g in self.models.items()}
 
-    def _model(self, name: str, version: str) -> _ModelSpec:
+    def _model(self, name: str, version: str) -> GraphSpec:
         spec = self.models.get(name)
         if spec is None:
             raise InvalidInput("model_name", f"one of {sorted(self.models)}", repr(name))
         if version not in self.versions:
             raise InvalidInput("model_version", f"'', {MODEL_VERSION!r} or {self.core.manifest.version!r}",
-                               repr(version))
+                               repr(version), name)
         return spec
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
@@ -73,56 +72,46 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        return await handle(self.metrics, "ModelMetadata", context, self._metadata(request))
-
-    async def _metadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
-        spec = self._model(request.name, request.version)
-        meta = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=request.name, versions=[MODEL_VERSION], platform=PLATFORM,
-            inputs=[meta(name=spec.input_name, datatype=FP32, shape=[-1, *spec.input_tail])],
-            outputs=[meta(name=n, datatype=FP32, shape=[-1, *s]) for n, s in spec.outputs.items()])
+        self._model(request.name, request.version)
+        return self._metadata[request.name]
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        return await handle(self.metrics, "ModelInfer", context, self._infer(request, context))
-
-    async def _infer(self, request: pb.ModelInferRequest,
-                     context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         name = request.model_name
         spec = self._model(name, request.model_version)
-        core = self.core
-        if len(request.inputs) != 1 or request.inputs[0].name != spec.input_name:
-            raise core.invalid(name, "inputs", f"one input named {spec.input_name!r}",
-                               str([t.name for t in request.inputs]))
+        want_in = spec.input
+        if len(request.inputs) != 1 or request.inputs[0].name != want_in.name:
+            raise InvalidInput("inputs", f"one input named {want_in.name!r}",
+                               str([t.name for t in request.inputs]), name)
         t = request.inputs[0]
-        if t.datatype != FP32:
-            raise core.invalid(name, f"inputs[{t.name!r}].datatype", FP32, repr(t.datatype))
+        if t.datatype != DATATYPES[want_in.dtype]:
+            raise InvalidInput(f"inputs[{t.name!r}].datatype", DATATYPES[want_in.dtype], repr(t.datatype), name)
         raw = len(request.raw_input_contents) > 0
+        core = self.core
         if raw:
             if t.HasField("contents"):
-                raise core.invalid(name, f"inputs[{t.name!r}].contents",
-                                   "no typed contents when raw_input_contents is used", "both")
+                raise InvalidInput(f"inputs[{t.name!r}].contents",
+                                   "no typed contents when raw_input_contents is used", "both", name)
             if len(request.raw_input_contents) != 1:
-                raise core.invalid(name, "raw_input_contents", "one entry per input (1)",
-                                   f"{len(request.raw_input_contents)} entries")
-            arr = core.input_tensor(name, t.name, t.shape, data=request.raw_input_contents[0])
+                raise InvalidInput("raw_input_contents", "one entry per input (1)",
+                                   f"{len(request.raw_input_contents)} entries", name)
+            arr = core.input_tensor(name, t.name, t.shape, request.raw_input_contents[0])
         else:
-            arr = core.input_tensor(name, t.name, t.shape, values=t.contents.fp32_contents)
-        wanted = [o.name for o in request.outputs] or list(spec.outputs)
-        unknown = [n for n in wanted if n not in spec.outputs]
+            data = fp32_contents_bytes(t.contents)
+            if data is None:
+                raise InvalidInput(f"inputs[{t.name!r}].contents", "fp32_contents only (datatype FP32)",
+                                   "other typed contents", name)
+            arr = core.input_tensor(name, t.name, t.shape, data)
+        declared = spec.output_names()
+        wanted = [o.name for o in request.outputs] or declared
+        unknown = [n for n in wanted if n not in declared]
         if unknown:
-            raise core.invalid(name, "outputs", f"names among {list(spec.outputs)}", str(unknown))
-        deadline = deadline_of(context)
-        if name == "encoder":
-            mu, var = await core.encode(arr, deadline)
-            results = {"mu": mu, "var": var}
-        else:
-            results = {"x_mean": await core.decode(arr, deadline)}
+            raise InvalidInput("outputs", f"names among {declared}", str(unknown), name)
+        results = await core.run(name, arr, deadline_of(context), wanted)
         resp = pb.ModelInferResponse(model_name=name, model_version=MODEL_VERSION, id=request.id)
         for n in wanted:
             a = np.ascontiguousarray(results[n], dtype=F32)
@@ -130,5 +119,5 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             if raw:
                 resp.raw_output_contents.append(a.tobytes())
             else:
-                out.contents.fp32_contents.extend(a.ravel().tolist())
+                set_fp32_contents(out.contents, a)
         return resp

@@ -91,20 +91,37 @@ def _open(model_dir: Path, manifest: Manifest, role: str, providers: str,
                            f"(no usable GPU or CUDA libraries); use --providers auto or cpu")
     spec = manifest.graphs[role]
     inputs = [i.name for i in sess.get_inputs()]
-    want_in = spec.inputs[0].name
+    want_in = spec.input.name
     if inputs != [want_in]:
         raise StartupError(f"{role}: expected one input {want_in!r} as the manifest says, got {inputs}")
+    declared = {t.name: t for t in (spec.input, *spec.outputs)}
     outputs = [o.name for o in sess.get_outputs()]
     missing = [n for n in spec.output_names() if n not in outputs]
     if missing:
         raise StartupError(f"{role}: outputs {missing} are in the manifest but not in {path} ({outputs})")
+    for arg in (*sess.get_inputs(), *sess.get_outputs()):
+        t = declared.get(arg.name)
+        if t is not None and not _shape_agrees(arg.shape, t.shape):
+            raise StartupError(f"{role}: {arg.name!r} has shape {list(t.shape)} in the manifest but "
+                               f"{list(arg.shape)} in {path}; the manifest does not describe this graph")
     return OrtRunner(role, sess, want_in, spec.output_names()), got
+
+
+def _shape_agrees(graph: list[int | str | None], manifest: tuple[int, ...]) -> bool:
+    """A graph's shape (symbolic dims are names or None) against the manifest's (-1 = dynamic batch)."""
+    if len(graph) != len(manifest):
+        return False
+    return all(not isinstance(g, int) or m == -1 or g == m for g, m in zip(graph, manifest))
 
 
 def warm_up(runner: OrtRunner, example_shape: tuple[int, ...], max_batch_size: int) -> None:
     """Run once at batch 1 and once at the largest batch, so allocations happen before traffic."""
     for n in sorted({1, max_batch_size}):
-        out = runner.run(np.zeros((n, *example_shape), dtype=np.float32))
+        try:
+            out = runner.run(np.zeros((n, *example_shape), dtype=np.float32))
+        except Exception as e:  # ORT's own exception types: the graph does not take what the manifest says
+            raise StartupError(f"{runner.name}: warm-up run of {n} rows of shape {list(example_shape)} failed "
+                               f"({str(e).splitlines()[0][:300]})") from e
         if out[0].shape[0] != n:
             raise StartupError(f"{runner.name}: warm-up with {n} rows returned {out[0].shape[0]} rows")
 

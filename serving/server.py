@@ -2,10 +2,14 @@
 
 Start-up: verify checksums, open and warm up both ONNX Runtime sessions, start the batchers, bind the
 gRPC port (VaeService, the Open Inference Protocol, grpc.health.v1, reflection; optional TLS/mTLS) and
-the Prometheus port, set health SERVING, and write the ready file `{"grpc_port", "metrics_port", "pid"}`.
+the Prometheus port (`GET /metrics` only, `--metrics-host`, optional TLS), set health SERVING, and write
+the ready file `{"grpc_port", "metrics_port", "pid"}`.
 
-Shutdown on SIGTERM/SIGINT: health NOT_SERVING at once, new RPCs refused, in-flight RPCs get
-`--grace-period-s` to finish, then the batchers stop and the process exits 0.
+Shutdown, in the order Kubernetes needs: on SIGTERM, health (and OIP readiness) turn NOT_SERVING at
+once while the server keeps serving every RPC for `--drain-delay-s`, so that load balancers and
+endpoint controllers stop sending; then health Watch streams end, new RPCs are refused, in-flight RPCs
+get `--grace-period-s` to finish, the batchers stop and the process exits 0. SIGINT (Ctrl-C) skips the
+drain delay.
 """
 
 from __future__ import annotations
@@ -13,31 +17,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
-from serving._proto.inference import grpc_service_pb2 as oip_pb
-from serving._proto.inference import grpc_service_pb2_grpc as oip_grpc
-from serving._proto.vae.v1 import vae_service_pb2 as pb
-from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
+from serving import oip, servicer
+from serving.budget import InflightBudget
 from serving.config import ServeConfig, write_ready_file
 from serving.core import VaeCore
+from serving.errors import StartupError
 from serving.metrics import Metrics
-from serving.oip import OipServicer
+from serving.metrics_http import MetricsServer
+from serving.rpc import add_service
 from serving.runtime import load_model
-from serving.servicer import VaeServicer
 
 logger = logging.getLogger(__name__)
 
-VAE_SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
-OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-HEALTH_NAMES: tuple[str, ...] = ("", VAE_SERVICE, OIP_SERVICE)
+HEALTH_NAMES: tuple[str, ...] = ("", servicer.SERVICE.full_name, oip.SERVICE.full_name)
+# Concurrent RPCs a connection may open (HTTP/2 streams): bounds what idle or half-closed calls can pin.
+MAX_CONCURRENT_STREAMS = 1024
+
+
+class Health(health.aio.HealthServicer):
+    """grpc.health.v1 whose Watch streams end when the server stops taking RPCs: an open Watch must not
+    hold the process for the whole grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closing = asyncio.Event()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            closing.cancel()
+
+    def close_watches(self) -> None:
+        self._closing.set()
 
 
 @dataclass
@@ -48,27 +71,54 @@ class RunningServer:
     server: grpc.aio.Server
     core: VaeCore
     metrics: Metrics
-    health: Any
+    health: Health
     grpc_port: int
     metrics_port: int
-    _httpd: Any = None
+    metrics_server: MetricsServer | None = None
     _stopped: bool = field(default=False)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period, stop."""
+    async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
+        """NOT_SERVING; keep serving for the drain delay; refuse new RPCs, let in-flight ones finish
+        within the grace period; stop."""
         if self._stopped:
             return
         self._stopped = True
         self.core.ready = False  # OIP ServerReady/ModelReady turn false with health, not after the drain
         await self.health.enter_graceful_shutdown()
+        drain = self.config.drain_delay_s if drain_delay_s is None else drain_delay_s
+        if drain > 0:
+            logger.info("shutting down: NOT_SERVING; still serving for the %.1f s drain delay", drain)
+            await asyncio.sleep(drain)
         grace = self.config.grace_period_s if grace_s is None else grace_s
-        logger.info("shutting down: NOT_SERVING, draining in-flight RPCs for up to %.1f s", grace)
+        logger.info("shutting down: refusing new RPCs, draining in-flight RPCs for up to %.1f s", grace)
+        self.health.close_watches()
         await self.server.stop(grace)
         await self.core.close()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         logger.info("stopped")
+
+
+def _tls_context(config: ServeConfig) -> ssl.SSLContext | None:
+    """The TLS material checked by OpenSSL before gRPC sees it: a key that does not match its certificate
+    or a file that is not PEM gets one clear line (grpcio would only say "Failed to bind")."""
+    if not config.tls:
+        return None
+    assert config.tls_cert is not None and config.tls_key is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as e:
+        raise StartupError(f"tls-cert/tls-key: expected a PEM certificate chain and its matching private key, "
+                           f"got {config.tls_cert} and {config.tls_key} ({e.reason or e})") from e
+    if config.tls_client_ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=config.tls_client_ca)
+        except ssl.SSLError as e:
+            raise StartupError(f"tls-client-ca: expected PEM CA certificates, got {config.tls_client_ca} "
+                               f"({e.reason or e})") from e
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def _credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
@@ -83,23 +133,32 @@ def _credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
 async def start(config: ServeConfig) -> RunningServer:
     """Load, warm up and start everything; health is SERVING when this returns."""
     t0 = time.perf_counter()
+    tls = _tls_context(config)  # before the model: a bad certificate fails fast
     model = load_model(config.model_dir, config.providers, config.intra_op_threads, config.max_batch_size)
     metrics = Metrics()
     metrics.set_model_info(model.manifest.name, model.manifest.version, model.providers)
     core = VaeCore(model, config, metrics)
     core.start()
     server: grpc.aio.Server | None = None
-    httpd: Any = None
+    metrics_server: MetricsServer | None = None
     try:
-
-        server = grpc.aio.server(options=[
+        options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
             ("grpc.so_reuseport", 0),
-        ])
-        pb_grpc.add_VaeServiceServicer_to_server(VaeServicer(core, metrics), server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, metrics), server)
-        health_servicer = health.aio.HealthServicer()
+        ]
+        if config.max_connection_age_s > 0:
+            # grpc.aio never answers a unary call whose client half-closes without sending a message
+            # (its handler returns without a status); only the connection's end frees such calls.
+            options += [("grpc.max_connection_age_ms", int(1e3 * config.max_connection_age_s)),
+                        ("grpc.max_connection_age_grace_ms", int(1e3 * config.grace_period_s))]
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+        budget = InflightBudget(config.max_inflight_bytes)
+        for service, adapter in ((servicer.SERVICE, servicer.VaeServicer(core, metrics)),
+                                 (oip.SERVICE, oip.OipServicer(core, metrics))):
+            add_service(server, service, adapter, config.max_message_bytes, budget)
+        health_servicer = Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*HEALTH_NAMES[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -109,23 +168,23 @@ async def start(config: ServeConfig) -> RunningServer:
         port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"port: cannot bind {address}")
-        httpd, metrics_port = None, -1
+        metrics_port = -1
         if config.metrics_port >= 0:
-            httpd, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
-            metrics_port = int(httpd.server_port)
+            metrics_server = MetricsServer(metrics.registry, config.metrics_host or config.host,
+                                           config.metrics_port, tls if config.metrics_tls else None)
+            metrics_port = await metrics_server.start()
         await server.start()
         core.ready = True  # gates the OIP ServerReady/ModelReady answers; set before health says SERVING
         for name in HEALTH_NAMES:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        running = RunningServer(config, server, core, metrics, health_servicer, port, metrics_port, httpd)
+        running = RunningServer(config, server, core, metrics, health_servicer, port, metrics_port, metrics_server)
     except BaseException:
         # A failed start (port in use, TLS files unreadable, ...) must not leave runner threads,
         # wake-up pipes or a half-started server behind.
         if server is not None:
             await server.stop(0)
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+        if metrics_server is not None:
+            await metrics_server.close()
         await core.close()
         raise
     logger.info("SERVING on %s (grpc port %d, metrics port %d%s) in %.0f ms", config.host, port, metrics_port,
@@ -138,12 +197,18 @@ async def serve(config: ServeConfig) -> int:
     """Run until SIGTERM/SIGINT, then drain; the process exit code (0 on a clean shutdown)."""
     running = await start(config)
     stop = asyncio.Event()
+    received: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     if config.ready_file is not None:
         write_ready_file(config.ready_file, running.grpc_port, running.metrics_port)
     await stop.wait()
-    logger.info("signal received")
-    await running.stop()
+    logger.info("%s received", received[0].name)
+    await running.stop(drain_delay_s=0.0 if received[0] == signal.SIGINT else None)
     return 0

@@ -33,7 +33,9 @@ import torch
 from serving.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
+    GraphSpec,
     Manifest,
+    graph_specs,
     model_version,
     sha256_file,
     verify_model_dir,
@@ -48,7 +50,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_OPSET = 18
 PARITY_TOLERANCE = 1e-5
 PARITY_BATCH_SIZES: tuple[int, ...] = (1, 7, 128)
-ENCODER_OUTPUTS: tuple[str, ...] = ("mu", "var", "logvar")
 
 
 class ExportError(Exception):
@@ -117,10 +118,6 @@ def _strip_source_paths(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _tensor_specs(names: list[str], tail: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
-    return [{"name": n, "dtype": "float32", "shape": [-1, *tail[n]]} for n in names]
-
-
 def _real_examples(config: TrainConfig, n: int) -> np.ndarray | None:
     """Up to n test-split examples in model space, or None when the run's data cannot be read here."""
     try:
@@ -150,7 +147,7 @@ def _diffs(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     return float(d.max()), float((d / np.maximum(1.0, np.abs(want.astype(np.float64)))).max())
 
 
-def check_parity(model: VAE, encoder_path: Path, decoder_path: Path, decoder_outputs: list[str],
+def check_parity(model: VAE, encoder_path: Path, decoder_path: Path, graphs: dict[str, GraphSpec],
                  real: np.ndarray | None, train_batch_size: int, tolerance: float,
                  seed: int = 0) -> dict[str, Any]:
     """Compare ONNX Runtime (CPU) with PyTorch; raise ParityError beyond `tolerance` or on NaN."""
@@ -163,7 +160,8 @@ def check_parity(model: VAE, encoder_path: Path, decoder_path: Path, decoder_out
     rng = np.random.default_rng(seed)
     sizes = sorted({*PARITY_BATCH_SIZES, 2 * train_batch_size + 3})
     shape, d = model.example_shape, model.config.latent_dim
-    keys = [f"encoder.{n}" for n in ENCODER_OUTPUTS] + [f"decoder.{n}" for n in decoder_outputs]
+    encoder_outputs, decoder_outputs = graphs["encoder"].output_names(), graphs["decoder"].output_names()
+    keys = [f"encoder.{n}" for n in encoder_outputs] + [f"decoder.{n}" for n in decoder_outputs]
     worst = dict.fromkeys(keys, 0.0)  # max |ORT - PyTorch|
     worst_scaled = dict.fromkeys(keys, 0.0)  # max |ORT - PyTorch| / max(1, |PyTorch|)
 
@@ -184,8 +182,8 @@ def check_parity(model: VAE, encoder_path: Path, decoder_path: Path, decoder_out
     with torch.no_grad():
         for label, x in cases:
             want = [t.numpy() for t in enc_graph(torch.from_numpy(x))]
-            got = enc.run(list(ENCODER_OUTPUTS), {"x": x})
-            for n, g, w in zip(ENCODER_OUTPUTS, got, want):
+            got = enc.run(encoder_outputs, {"x": x})
+            for n, g, w in zip(encoder_outputs, got, want):
                 record(f"encoder.{n}", g, w)
             # The decoder sees both prior draws and the posterior means of the case's inputs.
             for z in (rng.standard_normal((len(x), d), dtype=np.float32), want[0]):
@@ -326,17 +324,21 @@ def export(cfg: ExportConfig) -> Manifest:
     staging = _stage_dir(cfg.out)
     try:
         enc_path, dec_path = staging / "encoder.onnx", staging / "decoder.onnx"
-        dec_graph = DecoderGraph(model)
-        dec_outputs = dec_graph.output_names()
-        _export_graph(EncoderGraph(model), torch.zeros(2, *shape), "x", list(ENCODER_OUTPUTS), enc_path,
-                      cfg.opset)
-        _export_graph(dec_graph, torch.zeros(2, d), "z", dec_outputs, dec_path, cfg.opset)
+        # The graph contract comes from the manifest's one description; the torch graphs must match it.
+        graphs = graph_specs(shape, d, config.likelihood, model.x_logvar is not None)
+        enc_graph, dec_graph = EncoderGraph(model), DecoderGraph(model)
+        if dec_graph.output_names() != graphs["decoder"].output_names():
+            raise ExportError(f"decoder outputs {dec_graph.output_names()} differ from the manifest contract "
+                              f"{graphs['decoder'].output_names()}")
+        for role, graph, example in (("encoder", enc_graph, torch.zeros(2, *shape)),
+                                     ("decoder", dec_graph, torch.zeros(2, d))):
+            spec = graphs[role]
+            _export_graph(graph, example, spec.input.name, spec.output_names(), staging / f"{role}.onnx", cfg.opset)
         for p in (enc_path, dec_path):
             onnx.checker.check_model(str(p), full_check=True)
         real = _real_examples(config, 256)
-        parity = check_parity(model, enc_path, dec_path, dec_outputs, real, config.batch_size, cfg.tolerance)
+        parity = check_parity(model, enc_path, dec_path, graphs, real, config.batch_size, cfg.tolerance)
         enc_sha, dec_sha = sha256_file(enc_path), sha256_file(dec_path)
-        tails = {"mu": (d,), "var": (d,), "logvar": (d,), "x_mean": shape, "logits": shape, "x_var": shape}
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": cfg.name or f"vae-{config.data.split(':', 1)[0]}",
@@ -349,10 +351,8 @@ def export(cfg: ExportConfig) -> Manifest:
             "normalization": _plain(state["normalization"]),
             "files": {"encoder": {"path": enc_path.name, "sha256": enc_sha, "bytes": enc_path.stat().st_size},
                       "decoder": {"path": dec_path.name, "sha256": dec_sha, "bytes": dec_path.stat().st_size}},
-            "encoder": {"inputs": _tensor_specs(["x"], {"x": shape}),
-                        "outputs": _tensor_specs(list(ENCODER_OUTPUTS), tails)},
-            "decoder": {"inputs": _tensor_specs(["z"], {"z": (d,)}),
-                        "outputs": _tensor_specs(dec_outputs, tails)},
+            "encoder": graphs["encoder"].to_dict(),
+            "decoder": graphs["decoder"].to_dict(),
             "opset": cfg.opset,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
             "training": {"config": config.to_dict(), "checkpoint": ckpt_path.name,

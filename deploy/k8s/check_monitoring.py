@@ -13,7 +13,7 @@ the cross-object references this script checks, and exits 1 listing every failur
   - HPA: every Pods metric is served by a rule in deploy/prometheus/prometheus-adapter.yaml; each
     adapter metricsQuery, with its <<.Series>>/<<.LabelMatchers>>/<<.GroupBy>> templates filled in,
     is written to DIR/adapter-queries.yml as a recording rule, so `promtool check rules` parses it.
-  - terminationGracePeriodSeconds exceeds preStop + VAE_SERVE_GRACE_PERIOD_S.
+  - terminationGracePeriodSeconds exceeds preStop + VAE_SERVE_DRAIN_DELAY_S + VAE_SERVE_GRACE_PERIOD_S.
 """
 
 from __future__ import annotations
@@ -68,10 +68,12 @@ def check(docs: list[Obj], out: Path) -> list[str]:
     if not cms:
         errors.append(f"Deployment: envFrom ConfigMap {cm_names} is not in the overlay")
     grace = float(env.get("VAE_SERVE_GRACE_PERIOD_S", 10))
+    drain = float(env.get("VAE_SERVE_DRAIN_DELAY_S", 0))
     pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     tgps = pod["spec"].get("terminationGracePeriodSeconds", 30)
-    if not tgps > pre_stop + grace:
-        errors.append(f"Deployment: terminationGracePeriodSeconds {tgps} <= preStop {pre_stop} + grace {grace}")
+    if not tgps > pre_stop + drain + grace:
+        errors.append(f"Deployment: terminationGracePeriodSeconds {tgps} <= preStop {pre_stop} + drain delay "
+                      f"{drain} + grace {grace}")
     if str(env.get("VAE_SERVE_PORT")) != str(ports.get("grpc")):
         errors.append(f"ConfigMap: VAE_SERVE_PORT {env.get('VAE_SERVE_PORT')} != grpc port {ports.get('grpc')}")
     if str(env.get("VAE_SERVE_METRICS_PORT")) != str(ports.get("metrics")):

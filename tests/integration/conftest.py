@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import MNIST_DIR
+from tests.integration._server import ServerProcess, start_server
 from training.fit import TIMING_KEYS
 
 # Tiny and fast: a few seconds of CPU per run on digits.
@@ -23,6 +25,14 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Metrics rows minus wall-clock fields (training.fit.TIMING_KEYS), which legitimately differ between runs."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def server(exported_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The real server on the session's export, one per test module; it must exit 0 when stopped."""
+    s = start_server(exported_model_dir, tmp_path_factory.mktemp("server"))
+    yield s
+    assert s.stop() == 0, s.log()
 
 
 @pytest.fixture

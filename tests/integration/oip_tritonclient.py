@@ -27,13 +27,6 @@ from tests.integration._server import ServerProcess, start_server
 
 
 @pytest.fixture(scope="module")
-def server(exported_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    s = start_server(exported_model_dir, tmp_path_factory.mktemp("oip"))
-    yield s
-    assert s.stop() == 0, s.log()
-
-
-@pytest.fixture(scope="module")
 def manifest(exported_model_dir: Path) -> Manifest:
     return load_manifest(exported_model_dir)
 
@@ -73,17 +66,29 @@ def test_server_metadata_names_the_server(client: tc.InferenceServerClient) -> N
     assert meta["name"] == "vae-serve" and meta["version"]
 
 
-def test_model_metadata_gives_fp32_tensors_with_a_variable_batch(client: tc.InferenceServerClient,
-                                                                 manifest: Manifest) -> None:
-    d, shape = manifest.latent_dim, [str(s) for s in manifest.example_shape]
-    enc = client.get_model_metadata("encoder", as_json=True)
-    assert enc["name"] == "encoder" and enc["versions"] == ["1"]
-    assert enc["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", *shape]}]
-    assert enc["outputs"] == [{"name": "mu", "datatype": "FP32", "shape": ["-1", str(d)]},
-                              {"name": "var", "datatype": "FP32", "shape": ["-1", str(d)]}]
-    dec = client.get_model_metadata("decoder", as_json=True)
-    assert dec["inputs"] == [{"name": "z", "datatype": "FP32", "shape": ["-1", str(d)]}]
-    assert dec["outputs"] == [{"name": "x_mean", "datatype": "FP32", "shape": ["-1", *shape]}]
+def test_model_metadata_gives_every_tensor_of_the_onnx_graphs_with_a_variable_batch(
+        client: tc.InferenceServerClient, manifest: Manifest, sessions: dict[str, ort.InferenceSession]) -> None:
+    for model, sess in sessions.items():
+        meta = client.get_model_metadata(model, as_json=True)
+        assert meta["name"] == model and meta["versions"] == ["1"]
+        for kind, args in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
+            # Exactly what the ONNX graph takes and produces (names, order, fixed dims), batch dim -1.
+            assert meta[kind] == [{"name": a.name, "datatype": "FP32",
+                                   "shape": ["-1", *[str(s) for s in a.shape[1:]]]} for a in args]
+    d = manifest.latent_dim
+    assert [o["name"] for o in client.get_model_metadata("encoder", as_json=True)["outputs"]] == ["mu", "var", "logvar"]
+    assert client.get_model_metadata("decoder", as_json=True)["inputs"] == [
+        {"name": "z", "datatype": "FP32", "shape": ["-1", str(d)]}]
+
+
+def test_every_declared_output_is_returned_by_default_and_matches_onnx_runtime(
+        client: tc.InferenceServerClient, manifest: Manifest, sessions: dict[str, ort.InferenceSession]) -> None:
+    z = np.random.default_rng(3).standard_normal((3, manifest.latent_dim), dtype=np.float32)
+    r = client.infer("decoder", [infer_input("z", z)])
+    names = [o.name for o in sessions["decoder"].get_outputs()]
+    assert [o.name for o in r.get_response().outputs] == names and len(names) >= 2  # x_mean + logits/x_var
+    for n, ref in zip(names, sessions["decoder"].run(names, {"z": z})):
+        np.testing.assert_allclose(r.as_numpy(n), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_encoder_infer_with_raw_inputs_matches_onnx_runtime_and_echoes_the_id(

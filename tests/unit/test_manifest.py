@@ -13,6 +13,7 @@ from serving.manifest import (
     ChecksumMismatch,
     Manifest,
     ManifestError,
+    graph_specs,
     load_manifest,
     model_version,
     sha256_file,
@@ -59,12 +60,23 @@ def test_a_missing_manifest_says_how_to_make_one(tmp_path: Path) -> None:
     (lambda d: d.update(schema_version=2), "schema_version: expected 1, got 2"),
     (lambda d: d.pop("latent_dim"), "missing key 'latent_dim'"),
     (lambda d: d.update(likelihood="poisson"), "likelihood: expected 'bernoulli' or 'gaussian'"),
-    (lambda d: d["encoder"]["outputs"].pop(1), r"encoder output 'var': expected in the manifest"),
-    (lambda d: d["decoder"]["inputs"][0].update(shape=[-1, 3]), r"decoder input 'z': expected float32 \[-1, 2\]"),
-    (lambda d: d["normalization"].update(scale=[1.0]), "normalization.scale: expected a number or 4 numbers"),
-    (lambda d: d["decoder"]["outputs"].pop(1), r"decoder outputs: likelihood 'bernoulli' .* needs \['logits'\]"),
+    (lambda d: d["encoder"]["outputs"].pop(1),
+     r"encoder: expected .* outputs \[mu float32 \[-1, 2\], var float32 \[-1, 2\], logvar .* got .* "
+     + r"outputs \[mu float32 \[-1, 2\], logvar"),
+    (lambda d: d["decoder"]["inputs"][0].update(shape=[-1, 3]),
+     r"decoder: expected inputs \[z float32 \[-1, 2\]\] .* got inputs \[z float32 \[-1, 3\]\]"),
+    (lambda d: d["normalization"].update(scale=[1.0]), "normalization.scale: expected a finite number or 4 finite"),
+    (lambda d: d["normalization"].update(offset=float("nan")), r"normalization.offset: expected a finite .* got nan"),
+    (lambda d: d["normalization"].update(scale=[1.0, float("inf"), 1.0, 1.0]),
+     r"normalization.scale: .* got a list of 4 with 1 non-finite"),
+    (lambda d: d["normalization"].update(scale=0), "normalization.scale: expected non-zero"),
+    (lambda d: d["decoder"]["outputs"].pop(1), r"decoder: expected .* outputs \[x_mean float32 \[-1, 4\], logits"),
     (lambda d: d.update(likelihood="gaussian", learned_variance=True),
-     r"decoder outputs: likelihood 'gaussian' \(learned_variance=True\) needs \['x_var'\]"),
+     r"decoder: expected .* outputs \[x_mean float32 \[-1, 4\], x_var float32 \[-1, 4\]\]"),
+    (lambda d: d["files"]["encoder"].update(path="../../etc/passwd"),
+     r"files.encoder.path: expected a file name inside the model directory, got '../../etc/passwd'"),
+    (lambda d: d["files"]["decoder"].update(path="/models/decoder.onnx"), r"files.decoder.path: expected a file name"),
+    (lambda d: d["files"]["decoder"].update(bytes=0), r"files.decoder.bytes: expected a size >= 1, got 0"),
 ])
 def test_a_malformed_manifest_names_the_field(tmp_path: Path, mutate: Any, message: str) -> None:
     d = copy.deepcopy(_manifest(tmp_path))
@@ -75,3 +87,26 @@ def test_a_malformed_manifest_names_the_field(tmp_path: Path, mutate: Any, messa
 
 def test_the_version_depends_on_the_file_contents() -> None:
     assert model_version("a", "b") == model_version("a", "b") != model_version("a", "c")
+
+
+def test_a_file_of_another_size_than_recorded_is_refused_before_hashing(tmp_path: Path) -> None:
+    d = _manifest(tmp_path)
+    d["files"]["decoder"]["bytes"] = 4
+    (tmp_path / "model.json").write_text(json.dumps(d))
+    with pytest.raises(ChecksumMismatch, match="files.decoder: .* has 3 bytes, the manifest expects 4"):
+        verify_model_dir(tmp_path)
+
+
+def test_a_manifest_of_non_utf8_bytes_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "model.json").write_bytes(b'{"name": "\xff\xfe"}')
+    with pytest.raises(ManifestError, match=r"model.json: not UTF-8 text \(byte \d+\)"):
+        load_manifest(tmp_path)
+
+
+def test_the_graph_contract_is_one_description_for_each_likelihood() -> None:
+    g = graph_specs((1, 28, 28), 20, "gaussian", learned_variance=True)
+    assert [t.name for t in g["encoder"].outputs] == ["mu", "var", "logvar"]
+    assert g["encoder"].input.shape == (-1, 1, 28, 28) and g["encoder"].outputs[0].tail == (20,)
+    assert g["decoder"].output_names() == ["x_mean", "x_var"]
+    assert graph_specs((4,), 2, "gaussian", learned_variance=False)["decoder"].output_names() == ["x_mean"]
+    assert graph_specs((4,), 2, "bernoulli", learned_variance=False)["decoder"].output_names() == ["x_mean", "logits"]

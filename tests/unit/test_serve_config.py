@@ -13,7 +13,10 @@ def test_defaults_match_the_architecture_contract() -> None:
     c = ServeConfig.from_args([], env={})
     assert (c.port, c.metrics_port, c.providers, c.intra_op_threads) == (50051, 9090, "auto", 1)
     assert (c.max_batch_size, c.max_queue_delay_us, c.max_queue_rows) == (256, 500, 16384)
-    assert (c.max_sample_count, c.max_message_bytes, c.grace_period_s) == (4096, 64 * 1024 * 1024, 10.0)
+    assert (c.max_sample_count, c.max_message_bytes, c.grace_period_s) == (4096, 16 * 1024 * 1024, 10.0)
+    assert (c.max_inflight_bytes, c.drain_delay_s, c.max_concurrent_rpcs, c.max_connection_age_s) == (
+        256 * 1024 * 1024, 2.0, 4096, 300.0)
+    assert c.metrics_host == "" and not c.metrics_tls
     assert c.model_dir == Path("exported") and c.ready_file is None and not c.tls
 
 
