@@ -285,7 +285,7 @@ def bench_dataset(name: str, example_epochs: int, cpu: int | None, export_cpu: i
     model, seconds = run_example(x_train, x_test, example_epochs)
     example_run = work / "example"
     example_as_run(model, f"npy:{data_path}", example_run)
-    rows["example"] = {"recipe": f"pytorch/examples vae/main.py (784-400-20 shape, Adam 1e-3, batch 128, "
+    rows["example"] = {"recipe": f"pytorch/examples vae/main.py ({x_train.shape[1]}-400-20, Adam 1e-3, batch 128, "
                                  f"DataLoader), {example_epochs} epochs",
                        "command": f"benchmarks.train_recipes.run_example(epochs={example_epochs})",
                        "train_seconds": seconds, "epochs": example_epochs}
