@@ -16,6 +16,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 ANALYSIS = REPO / "benchmarks" / "analysis.md"
+TRAIN_ANALYSIS = REPO / "benchmarks" / "train_analysis.md"
 IMAGE = REPO / "benchmarks" / "image.md"  # hand-written container image figures (make image-test)
 OUT = REPO / "BENCHMARKS.md"
 CONCURRENCY = (1, 8, 64)
@@ -214,6 +215,79 @@ def plots(res: dict[str, Any]) -> list[str]:
     return names
 
 
+def recipe_table(ds: dict[str, Any]) -> list[str]:
+    """One dataset of benchmarks/train_recipes.py as the issue-18 table."""
+    out = ["| recipe | wall-clock (training) | epochs | test -ELBO | IWAE NLL (k=100) | active units |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in ds["rows"].values():
+        out.append(f"| {r['recipe']} | {r['train_seconds']:.1f} s | {r['epochs']} | {r['test_neg_elbo']:.2f} | "
+                   f"{r['iwae_nll']:.2f} | {r['active_units']}/{r['latent_dim']} |")
+    return out
+
+
+def recipe_targets(rec: dict[str, Any]) -> list[str]:
+    """Issue 18's targets, judged on the recipes JSON."""
+    out = ["| target | measured | met |", "| --- | --- | --- |"]
+    mn, dg = rec["datasets"].get("mnist"), rec["datasets"].get("digits")
+    if mn:
+        ex, de = mn["rows"]["example"], mn["rows"]["defaults"]
+        gain = ex["test_neg_elbo"] - de["test_neg_elbo"]
+        out.append(f"| MNIST: defaults >= 2 nats better test -ELBO than the example, same wall-clock | "
+                   f"{gain:+.2f} nats ({de['test_neg_elbo']:.2f} vs {ex['test_neg_elbo']:.2f}) | "
+                   f"{'yes' if gain >= 2 else 'no'} |")
+        half = de["active_units"] >= de["latent_dim"] / 2
+        out.append(f"| MNIST: at least half the latent units active | {de['active_units']}/{de['latent_dim']} | "
+                   f"{'yes' if half else 'no'} |")
+    if dg:
+        de = dg["rows"]["defaults"]
+        for key, when in (("previous_defaults", "at the same wall-clock"),
+                          ("previous_defaults_60", "running their own 60 epochs")):
+            if key in dg["rows"]:
+                prev = dg["rows"][key]
+                diff = de["test_neg_elbo"] - prev["test_neg_elbo"]
+                out.append(f"| digits: defaults no worse than the previous defaults {when} | {diff:+.2f} nats "
+                           f"({de['test_neg_elbo']:.2f} vs {prev['test_neg_elbo']:.2f}, {prev['train_seconds']:.1f} s) | "
+                           f"{'yes' if diff <= 0 else 'no'} |")
+    for name, ds in rec["datasets"].items():
+        err = ds["rows"]["defaults"]["budget_error"]
+        out.append(f"| {name}: `--time-budget-s {ds['budget_s']:g}` honoured within 5% | "
+                   f"{ds['rows']['defaults']['train_seconds']:.2f} s ({100 * err:+.1f}%) | "
+                   f"{'yes' if abs(err) <= 0.05 else 'no'} |")
+    return out
+
+
+def training_sections(tr: dict[str, Any]) -> list[str]:
+    """The training part of BENCHMARKS.md: benchmarks/results/train_recipes.json and train_loop.json."""
+    out: list[str] = []
+    rec_path, tl_path = RESULTS / "train_recipes.json", RESULTS / "train_loop.json"
+    if rec_path.is_file():
+        rec = json.loads(rec_path.read_text())
+        out += ["### Default recipe vs the pytorch/examples VAE (issue 18)", "",
+                (f"`{tr.get('train_recipes_command', rec['command'])}` (benchmarks/train_recipes.py, "
+                 f"{rec['date']}, pinned to CPU {rec['pinned_cpu']}, {rec['torch_threads']} torch thread, load "
+                 f"average {rec['loadavg_at_start'][0]:.1f} at start, {rec['total_s']:.0f} s in all). "
+                 f"Scorer: {rec['scorer']}."), ""]
+        for name, ds in rec["datasets"].items():
+            out += [(f"**{name}** ({ds['train_examples']} training / {ds['test_examples']} test examples, "
+                    f"shape {ds['example_shape']}; the defaults get `--time-budget-s {ds['budget_s']:g}`, the "
+                    "example's measured time):"), ""] + recipe_table(ds) + [""]
+            out += ["Commands:", ""] + [f"- {r['recipe']}: `{r['command']}`" for r in ds["rows"].values()] + [""]
+        out += recipe_targets(rec) + [""]
+    if tl_path.is_file():
+        tl = json.loads(tl_path.read_text())
+        eps = tl["examples_per_s"]
+        out += ["### Hot loop speed", "",
+                (f"`{tr['train_loop_command']}` (benchmarks/train_loop.py; {tl['data']}, "
+                 f"{tl['train_examples']} examples, batch {tl['batch_size']}, model {tl['model']}, "
+                 f"{tl['torch_threads']} torch thread, A and B alternating {tl['repeats']} times):"), "",
+                "| loop | median examples/s |", "| --- | --- |"]
+        out += [f"| {k} | {v['median']:,.0f} |" for k, v in eps.items()]
+        out += ["", f"training.fit's loop is {tl['ratio_A_over_B']:.2f}x the pytorch/examples loop (target: 2x).", ""]
+    if TRAIN_ANALYSIS.is_file():
+        out += [TRAIN_ANALYSIS.read_text().rstrip(), ""]
+    return out
+
+
 def render(res: dict[str, Any]) -> None:
     names = plots(res)
     mach, s = res["machine"], res["serving"]
@@ -352,17 +426,8 @@ def render(res: dict[str, Any]) -> None:
         out.append("")
     tr = res.get("training")
     if tr:
-        tl_path = RESULTS / "train_loop.json"
         out += ["## Training", ""]
-        if tl_path.is_file():
-            tl = json.loads(tl_path.read_text())
-            eps = tl["epochs_per_s"]
-            out += [(f"`{tr['train_loop_command']}` (benchmarks/train_loop.py; {tl['data']}, "
-                    f"{tl['train_examples']} examples, batch {tl['batch_size']}, model {tl['model']}, "
-                    f"{tl['torch_threads']} torch thread):"), "",
-                    "| loop | median epochs/s |", "| --- | --- |"]
-            out += [f"| {k} | {v['median']:.2f} |" for k, v in eps.items()]
-            out += ["", f"training.fit's loop is {tl['ratio_A_over_B']:.2f}x the DataLoader loop.", ""]
+        out += training_sections(tr)
         d = tr["demo"]
         out += [f"`make demo` end to end: {d['wall_s']:.1f} s ({d['status']})." if "wall_s" in d
                 else f"`make demo`: not timed ({d['status']}).", ""]

@@ -10,8 +10,9 @@ the do-nothing server (the load generator's ceiling); do-nothing servers of each
 h2load (benchmarks/grpc_floor.py, the floor under any Python gRPC server); the serving scenarios, Encode and Sample at
 C = 1, 8, 64 with B = 1 and C = 8 with B = 64, with batching on and with `--max-batch-size 1`, in
 `--rounds` interleaved rounds (medians reported, so other load on the machine hits both modes alike);
-py-spy on the server at C = 64 when py-spy is installed; the training loop benchmark
-(benchmarks/train_loop.py); `make demo` wall time. The server is pinned to CPU 0 and the load generator
+py-spy on the server at C = 64 when py-spy is installed; the training recipes (benchmarks/train_recipes.py:
+the pytorch/examples VAE against the defaults at the same wall-clock, MNIST and digits, about 5 minutes) and
+the training loop speed (benchmarks/train_loop.py); `make demo` wall time. The server is pinned to CPU 0 and the load generator
 to CPU 1 with taskset when two CPUs exist.
 """
 
@@ -272,10 +273,14 @@ def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
 
 def train_and_demo(skip_demo: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    log("training recipes: pytorch/examples vs the defaults, same wall-clock (benchmarks/train_recipes.py)")
+    cmd = [PY, "-m", "benchmarks.train_recipes"]  # pins itself (and its children) to CPU 1
+    sh(cmd, 1200)
+    out["train_recipes_command"] = "python -m benchmarks.train_recipes"
     log("training loop benchmark (benchmarks/train_loop.py)")
     cmd = pinned(1, [PY, "-m", "benchmarks.train_loop"])
     sh(cmd, 900)
-    out["train_loop_command"] = " ".join(cmd)
+    out["train_loop_command"] = " ".join(cmd).replace(PY, "python")
     demo = REPO / "scripts" / "demo.sh"
     if skip_demo or not demo.is_file():
         out["demo"] = {"status": "skipped" if skip_demo else "scripts/demo.sh not present"}

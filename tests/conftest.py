@@ -13,21 +13,37 @@ REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
 
-def run_module(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run `python -m ARGS` from the repo root; fail the test with its output if it exits non-zero."""
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    if proc.returncode != 0:
+def python_env() -> dict[str, str]:
+    """The environment for a child `python`: this repo importable, one OpenMP thread unless set."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def python_module_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def run_module(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `python -m ARGS` from the repo root. With `check` (the default), fail the test with its output
+    if it exits non-zero; without, the caller checks the exit status."""
+    proc = subprocess.run(python_module_cmd(*args), cwd=REPO, env=python_env(), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
         pytest.fail(f"python -m {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n"
                     f"--- stderr\n{proc.stderr}")
     return proc
 
 
-def flip_byte(path: Path, offset: int | None = None) -> None:
-    """Corrupt a file in place: invert one byte (the middle one unless `offset` says), size unchanged."""
+def flip_byte(path: Path, offset: int | None = None) -> int:
+    """Invert every bit of one byte of `path` in place (the middle byte unless `offset` says); returns
+    the offset flipped. Negative offsets count from the end."""
     data = bytearray(path.read_bytes())
-    data[len(data) // 2 if offset is None else offset] ^= 0xFF
+    at = len(data) // 2 if offset is None else offset % len(data)
+    data[at] ^= 0xFF
     path.write_bytes(bytes(data))
+    return at
 
 
 @pytest.fixture(scope="session")

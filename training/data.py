@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.config import TrainConfig
+from training.config import ARCHES, LIKELIHOODS, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -357,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = TrainConfig()
     parser.add_argument("--data", default=d.data, help="digits | mnist:DIR | npy:FILE | images:DIR")
-    parser.add_argument("--arch", default=d.arch, choices=["mlp", "conv"], help="model architecture")
-    parser.add_argument("--likelihood", default=d.likelihood, choices=["bernoulli", "gaussian"],
+    parser.add_argument("--arch", default=d.arch, choices=ARCHES, help="model architecture")
+    parser.add_argument("--likelihood", default=d.likelihood, choices=LIKELIHOODS,
                         help="decoder likelihood (decides the normalisation)")
     parser.add_argument("--rescale", action="store_true", help="min-max scale float data for Bernoulli")
     parser.add_argument("--image-size", type=int, default=d.image_size, help="resize images:DIR to this")

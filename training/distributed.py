@@ -91,6 +91,14 @@ def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
     return t
 
 
+def all_reduce_max(t: Tensor, ctx: DistContext) -> Tensor:
+    """The maximum of a tensor over ranks (identity in a single process)."""
+    if ctx.is_distributed:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.is_distributed:
         dist.barrier()

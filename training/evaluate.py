@@ -10,7 +10,6 @@ merged into RUN_DIR/summary.json under the key "test" (keys in docs/ARCHITECTURE
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -20,15 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from training.checkpoint import (
-    CheckpointError,
-    config_from_checkpoint,
-    load_checkpoint,
-    model_from_checkpoint,
-    write_json,
-)
+from training.checkpoint import CheckpointError
+from training.config import CHECKPOINT_CHOICES
 from training.data import DataError, load_data
 from training.model import VAE, iwae_log_likelihood
+from training.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +84,10 @@ def evaluate_model(model: VAE, x: Tensor, k: int, seed: int, batch_size: int = 6
 
 def evaluate_run(run_dir: Path, k: int, which: str = "best", device: str = "cpu") -> dict[str, Any]:
     """Evaluate RUN_DIR's best or last checkpoint on its test split; merge into summary.json."""
-    ckpt_path = run_dir / ("best.pt" if which == "best" else "checkpoint.pt")
-    state = load_checkpoint(ckpt_path)
-    config = config_from_checkpoint(state, ckpt_path)
-    model = model_from_checkpoint(state, ckpt_path).to(device)
+    run = RunDir(run_dir)
+    loaded = run.load(which)
+    state, config, ckpt_path = loaded.state, loaded.config, loaded.path
+    model = loaded.model.to(device)
     splits = load_data(config)
     if splits.normalization.to_dict() != dict(state["normalization"]):
         raise DataError(f"{config.data}: the data changed since training: its normalisation no longer matches "
@@ -102,10 +97,7 @@ def evaluate_run(run_dir: Path, k: int, which: str = "best", device: str = "cpu"
                         f"{tuple(state['example_shape'])}")
     test = evaluate_model(model, splits.test.to(device), k=k, seed=config.seed + 7)
     test.update(checkpoint=ckpt_path.name, epoch=int(state["epoch"]))
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary["test"] = test
-    write_json(summary_path, summary)
+    run.update_summary({"test": test})
     return test
 
 
@@ -114,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="run directory written by training.fit")
     parser.add_argument("--k", type=int, default=1000, help="importance samples for the IWAE bound")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
                         help="best.pt (lowest validation -ELBO) or checkpoint.pt (last epoch)")
     parser.add_argument("--device", default="cpu", help="torch device to evaluate on")
     parser.add_argument("--log-level", default="INFO", help="logging level")

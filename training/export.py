@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +40,16 @@ from serving.manifest import (
     sha256_file,
     verify_model_dir,
 )
-from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from training.config import TrainConfig
+from training.checkpoint import CheckpointError
+from training.config import CHECKPOINT_CHOICES, TrainConfig
 from training.model import VAE, DecoderGraph, EncoderGraph
+from training.rundir import LoadedCheckpoint, RunDir
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 PARITY_TOLERANCE = 1e-5
 PARITY_BATCH_SIZES: tuple[int, ...] = (1, 7, 128)
-CHECKPOINT_FILES = {"best": "best.pt", "last": "checkpoint.pt"}
 
 
 class ExportError(Exception):
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="run directory written by training.fit")
-    p.add_argument("--checkpoint", choices=sorted(CHECKPOINT_FILES), default="best",
+    p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
                    help="which checkpoint: best (lowest validation -ELBO) or last")
     p.add_argument("--out", type=Path, default=Path("exported"), help="directory to publish into")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset to pin")
@@ -237,33 +238,77 @@ def publish(staging: Path, out: Path) -> None:
     shutil.rmtree(backup)
 
 
+# A staging directory without a pid in its name (older versions) is stale once this old.
+STALE_STAGING_AGE_S = 3600.0
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.staging-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Delete the staging directories that killed exports left beside `out`; returns those removed.
+
+    A staging directory is named `.<out>.staging-<pid>-<random>`: it is stale when that pid no longer runs
+    (a concurrent export's directory is kept). One without a pid is stale after STALE_STAGING_AGE_S.
+    """
+    parent = out.resolve().parent
+    prefix = _staging_prefix(out)
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return removed
+    for p in candidates:
+        pid_text = p.name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit():
+            stale = int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))
+        else:
+            try:
+                stale = time.time() - p.stat().st_mtime > STALE_STAGING_AGE_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+            logger.info("removed %s, left by an export that was killed", p)
+    return removed
+
+
 def _stage_dir(out: Path) -> Path:
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
+        remove_stale_staging(out)
+        return Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=parent))
     except OSError as e:
         raise ExportError(f"--out {out}: cannot write beside it in {parent} ({e.strerror or e})") from e
 
 
-def _load_run(cfg: ExportConfig) -> tuple[dict[str, Any], VAE, Path]:
+def _load_run(cfg: ExportConfig) -> LoadedCheckpoint:
     if not cfg.run.is_dir():
         raise ExportError(f"--run {cfg.run}: no such run directory")
-    path = cfg.run / CHECKPOINT_FILES[cfg.checkpoint]
     try:
-        state = load_checkpoint(path)
-        model = model_from_checkpoint(state, path)
+        return RunDir(cfg.run).load(cfg.checkpoint)
     except CheckpointError as e:
         raise ExportError(str(e)) from e
-    return state, model, path
 
 
 def _run_metrics(run: Path) -> dict[str, Any]:
-    path = run / "summary.json"
     try:
-        return dict(json.loads(path.read_text()))
+        return RunDir(run).read_summary()
     except (OSError, ValueError):
-        logger.warning("%s: missing or unreadable; the manifest carries no training metrics", path)
+        logger.warning("%s: summary.json missing or unreadable; the manifest carries no training metrics", run)
         return {}
 
 
@@ -272,8 +317,9 @@ def export(cfg: ExportConfig) -> Manifest:
     import onnx
     import onnxruntime as ort
 
-    state, model, ckpt_path = _load_run(cfg)
-    config: TrainConfig = model.config
+    loaded = _load_run(cfg)
+    state, model, ckpt_path = loaded.state, loaded.model, loaded.path
+    config: TrainConfig = loaded.config
     shape, d = model.example_shape, config.latent_dim
     staging = _stage_dir(cfg.out)
     try:

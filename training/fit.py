@@ -1,25 +1,29 @@
 """Train a VAE: one process, or data-parallel under torchrun.
 
-    python -m training.fit --data digits --out runs/demo [--epochs 60] [--resume]
+    python -m training.fit --data digits --out runs/demo [--epochs 60] [--time-budget-s 60] [--resume]
     torchrun --nproc_per_node=2 -m training.fit --data digits --out runs/ddp     # gloo on CPU, NCCL on GPU
+
+The defaults (chosen by measurement, benchmarks/train_recipes.py and BENCHMARKS.md) scale the network with
+the input when `--hidden` / `--latent-dim` are not given, warm the learning rate up for one epoch and
+then decay it along a cosine to 0 by the end of the run (`--epochs` or `--time-budget-s`, whichever ends
+it first), and keep the checkpoint with the best validation -ELBO (best.pt) for evaluation and export.
 
 The dataset lives in memory as tensors on the training device; each step slices a batch out of the
 epoch's permutation, so the hot loop does no per-example Python work. All randomness is explicit:
 the permutation of epoch e comes from `seed + e` (DistributedSampler semantics, see
 training/distributed.py) and the reparameterisation noise and dynamic binarisation come from a
 generator seeded from (seed, epoch, rank). A run killed at any point and restarted with `--resume`
-therefore ends with exactly the metrics of an uninterrupted run (on CPU).
+therefore ends with exactly the metrics of an uninterrupted run (on CPU), unless `--time-budget-s` is set:
+then where it stops, and the cosine schedule with it, follow the wall-clock.
 
 `--batch-size` is the GLOBAL batch size: with N ranks each rank takes batch_size / N examples a step.
 
-The run directory (written by rank 0 only): config.json, checkpoint.pt (last), best.pt, metrics.jsonl,
-summary.json, samples.png, reconstructions.png, curves.png, interpolation.png.
+The run directory (written by rank 0 only) is described in training/rundir.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -38,21 +42,23 @@ from training import distributed as D
 from training.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    CheckpointWriter,
     config_from_checkpoint,
     load_checkpoint,
-    save_checkpoint,
-    write_json,
 )
-from training.config import ConfigError, TrainConfig
+from training.config import ARCHES, DEVICES, LIKELIHOODS, LR_SCHEDULES, OBJECTIVES, ConfigError, TrainConfig
 from training.data import DataError, DataSplits, load_data
 from training.evaluate import heldout_sums, stats_from_sums
 from training.model import VAE, training_objective
+from training.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
 # Flags that may differ from the checkpoint's config when resuming; all others must match.
-RESUME_OVERRIDABLE: tuple[str, ...] = ("epochs", "patience", "device")
+RESUME_OVERRIDABLE: tuple[str, ...] = ("epochs", "time_budget_s", "patience", "device")
 TIMING_KEYS: tuple[str, ...] = ("examples_per_s", "seconds")
+# Flags of the command line that are not TrainConfig fields.
+RUNTIME_FLAGS: tuple[str, ...] = ("out", "resume", "progress", "dist_timeout_s", "log_level")
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,6 +73,7 @@ class RunState:
     best_val_neg_elbo: float = math.inf
     best_epoch: int = 0
     epochs_since_best: int = 0
+    train_seconds: float = 0.0           # wall-clock spent in epochs, over every session of the run
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -91,24 +98,85 @@ def kl_weight(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
     return config.beta * min(1.0, done / (config.kl_warmup_epochs * steps))
 
 
+def lr_factor(config: TrainConfig, done_steps: int, steps_per_epoch: int, time_fraction: float) -> float:
+    """The learning rate's multiplier before step `done_steps` (0-based, counted over the whole run).
+
+    A linear warm-up over `lr_warmup_epochs`, then constant or a cosine decay to 0 over the run. The run's
+    progress is the larger of the fraction of `epochs` done and the fraction of `time_budget_s` spent, so
+    the decay ends when whichever limit stops the run is reached.
+    """
+    warmup = config.lr_warmup_epochs * steps_per_epoch
+    if done_steps < warmup:
+        return (done_steps + 1) / warmup
+    assert config.lr_schedule != "auto", "lr_factor needs a resolved config"
+    if config.lr_schedule == "constant":
+        return 1.0
+    by_steps = done_steps / (config.epochs * steps_per_epoch) if config.epochs else 0.0  # 0: no epoch limit
+    progress = max(by_steps, time_fraction)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Clock:
+    """Wall-clock spent training, across sessions of a resumed run, against `--time-budget-s`.
+
+    Under torchrun every rank must stop at the same step and use the same learning rate, so with a
+    budget the elapsed time is the maximum over ranks (one all-reduce of a scalar per step).
+    """
+
+    budget_s: float
+    ctx: D.DistContext
+    spent_before_s: float = 0.0  # training seconds of earlier sessions (from the checkpoint)
+    reserve_s: float = 0.0       # the slowest validation so far: stop early enough to run one more
+    t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed_s(self) -> float:
+        t = self.spent_before_s + time.perf_counter() - self.t0
+        if self.ctx.is_distributed and self.budget_s:
+            t = float(D.all_reduce_max(torch.tensor(t, dtype=torch.float64), self.ctx))
+        return t
+
+    def fraction(self, elapsed_s: float) -> float:
+        return elapsed_s / self.budget_s if self.budget_s else 0.0
+
+    def out_of_time(self, elapsed_s: float) -> bool:
+        return bool(self.budget_s) and elapsed_s + self.reserve_s >= self.budget_s
+
+
+def make_optimizer(vae: VAE, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam; the fused kernel (one op per step for all parameters) on CPU and CUDA."""
+    return torch.optim.Adam(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                            fused=device.type in ("cpu", "cuda"))
+
+
 def train_one_epoch(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x_train: Tensor, shard: Tensor,
                     per_rank_batch: int, config: TrainConfig, epoch: int, gen: torch.Generator,
-                    progress: tqdm | None = None) -> dict[str, Tensor]:
-    """One pass over this rank's shard. `model` is the VAE or its DDP wrapper; returns float64 sums.
+                    clock: Clock | None = None, progress: tqdm | None = None) -> tuple[dict[str, Tensor], int]:
+    """One pass over this rank's shard, or part of it if `clock` runs out. `model` is the VAE or its DDP
+    wrapper; returns float64 sums (all-reducible) and the number of steps taken.
 
     x_train (N, *shape) on the device; shard (n,) int64 indices into it (this rank, this epoch).
     """
     model.train()
-    shard = shard.to(x_train.device)
-    steps = -(-len(shard) // per_rank_batch)
     dev = x_train.device
-    sum_log_lik = torch.zeros((), dtype=torch.float64, device=dev)
-    sum_kl = torch.zeros((), dtype=torch.float64, device=dev)
+    steps = -(-len(shard) // per_rank_batch)
+    x_epoch = x_train[shard.to(dev)]  # (n, *shape): one gather per epoch, then contiguous slices
+    d = vae.config.latent_dim
+    k = config.iwae_k if config.objective == "iwae" else 0
+    sums = torch.zeros(2, dtype=torch.float64, device=dev)  # (sum log P(x|z), sum KL)
+    clock = clock or Clock(0.0, D.DistContext())
+    done = taken = 0
     for step in range(steps):
-        x = x_train[shard[step * per_rank_batch:(step + 1) * per_rank_batch]]  # (b, *shape)
+        elapsed = clock.elapsed_s() if clock.budget_s else 0.0
+        if clock.out_of_time(elapsed):
+            break
+        lr = config.lr * lr_factor(config, epoch * steps + step, steps, clock.fraction(elapsed))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = x_epoch[step * per_rank_batch:(step + 1) * per_rank_batch]  # (b, *shape)
         if config.binarize:
             x = torch.bernoulli(x, generator=gen)  # dynamic binarisation
-        eps = torch.randn((len(x), vae.config.latent_dim), generator=gen, device=dev)  # (b, d)
+        eps = torch.randn((k, len(x), d) if k else (len(x), d), generator=gen, device=dev)  # (b, d) or (k, b, d)
         terms, _, _ = model(x, eps)
         loss = training_objective(terms, kl_weight(config, epoch, step, steps), config.free_bits)
         opt.zero_grad(set_to_none=True)
@@ -116,15 +184,15 @@ def train_one_epoch(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x_tr
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
         opt.step()
-        sum_log_lik += terms.log_lik.detach().double().sum()
-        sum_kl += terms.kl.detach().double().sum()
+        sums += torch.stack([terms.log_lik.detach().sum(), terms.kl.detach().sum()]).double()
+        done += len(x)
+        taken += 1
         if progress is not None and not progress.disable:
             progress.update(1)
             if step % 10 == 0 or step == steps - 1:
-                seen = min(len(shard), (step + 1) * per_rank_batch)
-                progress.set_postfix(neg_elbo=f"{float(sum_kl - sum_log_lik) / seen:.2f}", refresh=False)
-    n = torch.tensor(float(len(shard)), dtype=torch.float64, device=dev)
-    return {"n": n, "log_lik": sum_log_lik, "kl": sum_kl}
+                progress.set_postfix(neg_elbo=f"{float(sums[1] - sums[0]) / done:.2f}", refresh=False)
+    n = torch.tensor(float(done), dtype=torch.float64, device=dev)
+    return {"n": n, "log_lik": sums[0], "kl": sums[1]}, taken
 
 
 def validate(vae: VAE, x_val: Tensor, config: TrainConfig, ctx: D.DistContext) -> dict[str, Any]:
@@ -145,17 +213,9 @@ def checkpoint_state(vae: VAE, opt: torch.optim.Optimizer, config: TrainConfig, 
             "rng": {"scheme": "per-epoch generators seeded from (seed, epoch, rank)",
                     "torch_cpu": torch.get_rng_state()},
             "best_val_neg_elbo": st.best_val_neg_elbo, "best_epoch": st.best_epoch,
-            "epochs_since_best": st.epochs_since_best,
+            "epochs_since_best": st.epochs_since_best, "train_seconds": st.train_seconds,
             "image_shape": list(splits.image_shape) if splits.image_shape else None,
             "data_source": splits.source, "world_size": ctx.world_size}
-
-
-def _read_history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
-    """metrics.jsonl rows up to the checkpoint's epoch (a crash may have left a later row)."""
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["epoch"] <= upto_epoch]
 
 
 def fit(config: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
@@ -164,19 +224,19 @@ def fit(config: TrainConfig, out: Path, resume: bool = False, progress: bool = T
     wants_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     ctx = D.init_distributed("cuda" if wants_cuda else "cpu", dist_timeout_s)
     try:
-        return _fit(config, Path(out), resume, progress, ctx, explicit)
+        return _fit(config, RunDir(out), resume, progress, ctx, explicit)
     finally:
         D.shutdown_distributed(ctx)
 
 
-def _fit(config: TrainConfig, out: Path, resume: bool, progress: bool, ctx: D.DistContext,
+def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.DistContext,
          explicit: frozenset[str]) -> dict[str, Any]:
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = run.checkpoint("last")
     state: dict[str, Any] | None = None
-    if ckpt_path.exists() and not resume:
-        raise CheckpointError(f"{out}: already holds a run (checkpoint.pt); pass --resume to continue it or "
-                              "choose another --out")
-    if resume and ckpt_path.exists():
+    if run.has_run() and not resume:
+        raise CheckpointError(f"{run.path}: already holds a run ({ckpt_path.name}); pass --resume to continue it "
+                              "or choose another --out")
+    if resume and run.has_run():
         state = load_checkpoint(ckpt_path)
         config = _resumed_config(config_from_checkpoint(state, ckpt_path), config, explicit, ckpt_path)
     elif resume:
@@ -187,9 +247,10 @@ def _fit(config: TrainConfig, out: Path, resume: bool, progress: bool, ctx: D.Di
     per_rank_batch = config.batch_size // ctx.world_size
     device = resolve_device(config.device, ctx)
     splits = load_data(config)
+    config = config.resolved(math.prod(splits.example_shape), len(splits.train))
     torch.manual_seed(config.seed)  # parameter initialisation only; identical on every rank
     vae = VAE(config, splits.example_shape).to(device)
-    opt = torch.optim.Adam(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = make_optimizer(vae, config, device)
     st = RunState()
     if state is not None:
         vae.load_state_dict(state["model"])
@@ -198,7 +259,8 @@ def _fit(config: TrainConfig, out: Path, resume: bool, progress: bool, ctx: D.Di
         st = RunState(epoch=int(state["epoch"]), best_val_neg_elbo=float(state["best_val_neg_elbo"]),
                       best_epoch=int(state.get("best_epoch", 0)),
                       epochs_since_best=int(state.get("epochs_since_best", 0)),
-                      history=_read_history(out / "metrics.jsonl", int(state["epoch"])))
+                      train_seconds=float(state.get("train_seconds", 0.0)),
+                      history=run.read_metrics(upto_epoch=int(state["epoch"])))
         if state.get("world_size", ctx.world_size) != ctx.world_size:
             logger.warning("resuming a run made with %s ranks on %d ranks: later epochs shard differently",
                            state.get("world_size"), ctx.world_size)
@@ -210,43 +272,54 @@ def _fit(config: TrainConfig, out: Path, resume: bool, progress: bool, ctx: D.Di
             vae, device_ids=[device.index] if device.type == "cuda" else None)
     x_train, x_val = splits.train.to(device), splits.val.to(device)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", config.to_dict())
-        metrics_file = out / "metrics.jsonl"
-        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in st.history))
-    logger.info("%s; %s on %s; %d rank(s), batch %d per rank, global batch %d; %d parameters",
-                splits.describe(), config.arch, device, ctx.world_size, per_rank_batch,
-                per_rank_batch * ctx.world_size, sum(p.numel() for p in vae.parameters()))
-    stopped_early = False
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(config)
+        run.write_metrics(st.history)
+    logger.info("%s; %s %s latent %d on %s; %d rank(s), batch %d per rank, global batch %d; %d parameters%s",
+                splits.describe(), config.arch, list(config.hidden), config.latent_dim, device, ctx.world_size,
+                per_rank_batch, per_rank_batch * ctx.world_size, sum(p.numel() for p in vae.parameters()),
+                f"; time budget {config.time_budget_s:g} s" if config.time_budget_s else "")
+    clock = Clock(config.time_budget_s, ctx, spent_before_s=st.train_seconds)
+    writer = CheckpointWriter()
+    stopped_by = "epochs"
     t_start = time.perf_counter()
-    while st.epoch < config.epochs:
+    while not config.epochs or st.epoch < config.epochs:  # epochs 0: the time budget alone ends the run
         if config.patience and st.epochs_since_best >= config.patience:
-            stopped_early = True
+            stopped_by = "patience"
+            break
+        if clock.out_of_time(clock.elapsed_s()):
+            stopped_by = "time_budget"
             break
         epoch = st.epoch  # 0-based index of the epoch now running
         t0 = time.perf_counter()
         shard = D.epoch_shard(len(x_train), config.seed, epoch, ctx)
         steps = -(-len(shard) // per_rank_batch)
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs or '-'}", unit="batch", leave=False,
                    disable=not (progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
         with bar:
-            sums = train_one_epoch(model, vae, opt, x_train, shard, per_rank_batch, config, epoch,
-                                   noise_generator(config.seed, epoch, ctx.rank, device), bar)
+            sums, taken = train_one_epoch(model, vae, opt, x_train, shard, per_rank_batch, config, epoch,
+                                          noise_generator(config.seed, epoch, ctx.rank, device), clock, bar)
+        if taken == 0:  # the budget ran out before this epoch's first step
+            stopped_by = "time_budget"
+            break
         sums = {k: D.all_reduce_sum(v, ctx) for k, v in sums.items()}
         train_seconds = time.perf_counter() - t0
+        t_val = time.perf_counter()
         val = validate(vae, x_val, config, ctx)
+        clock.reserve_s = max(clock.reserve_s, time.perf_counter() - t_val)  # the slowest validation so far
         n = float(sums["n"])
-        row = {"epoch": epoch + 1,
+        row = {"epoch": epoch + 1, "steps": taken, "partial": taken < steps,
                "train_neg_elbo": float(sums["kl"] - sums["log_lik"]) / n,
                "train_recon_nll": -float(sums["log_lik"]) / n, "train_kl": float(sums["kl"]) / n,
                "val_neg_elbo": val["neg_elbo"], "val_recon_nll": -val["recon_log_lik"], "val_kl": val["kl"],
                "val_kl_per_dim": val["kl_per_dim"], "val_active_units": val["active_units"],
-               "kl_weight": kl_weight(config, epoch, steps - 1, steps), "lr": opt.param_groups[0]["lr"],
+               "kl_weight": kl_weight(config, epoch, taken - 1, steps), "lr": opt.param_groups[0]["lr"],
                "examples_per_s": n / train_seconds, "seconds": time.perf_counter() - t0}
         if not (math.isfinite(row["train_neg_elbo"]) and math.isfinite(row["val_neg_elbo"])):
             raise TrainingDiverged(f"epoch {epoch + 1}: -ELBO is not finite (train {row['train_neg_elbo']}, "
                                    f"val {row['val_neg_elbo']}); lower --lr or set --grad-clip")
         st.epoch = epoch + 1
+        st.train_seconds = clock.spent_before_s + time.perf_counter() - clock.t0
         improved = row["val_neg_elbo"] < st.best_val_neg_elbo
         if improved:
             st.best_val_neg_elbo, st.best_epoch, st.epochs_since_best = row["val_neg_elbo"], st.epoch, 0
@@ -254,21 +327,23 @@ def _fit(config: TrainConfig, out: Path, resume: bool, progress: bool, ctx: D.Di
             st.epochs_since_best += 1
         st.history.append(row)
         if ctx.is_main:
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            ckpt = checkpoint_state(vae, opt, config, splits, st, ctx)
-            if improved:
-                save_checkpoint(out / "best.pt", ckpt)
-            save_checkpoint(ckpt_path, ckpt)
-        logger.info("epoch %d/%d  train -ELBO %.3f  val -ELBO %.3f (recon %.3f, KL %.3f, active %d/%d)  "
-                    "kl-weight %.3g  lr %.3g  %.0f ex/s  %.2fs%s", st.epoch, config.epochs,
+            run.append_metrics(row)
+            writer.submit(checkpoint_state(vae, opt, config, splits, st, ctx),
+                          [ckpt_path, run.checkpoint("best")] if improved else [ckpt_path])
+        logger.info("epoch %d/%s%s  train -ELBO %.3f  val -ELBO %.3f (recon %.3f, KL %.3f, active %d/%d)  "
+                    "kl-weight %.3g  lr %.3g  %.0f ex/s  %.2fs%s", st.epoch, config.epochs or "-",
+                    f" ({taken}/{steps} steps)" if row["partial"] else "",
                     row["train_neg_elbo"], row["val_neg_elbo"], row["val_recon_nll"], row["val_kl"],
                     row["val_active_units"], config.latent_dim, row["kl_weight"], row["lr"],
                     row["examples_per_s"], row["seconds"], "  *best" if improved else "")
+        if row["partial"]:
+            stopped_by = "time_budget"
+            break
+    writer.close()
     D.barrier(ctx)  # every rank has finished its last checkpoint-visible step
-    summary = _summary(config, splits, st, stopped_early, ctx, per_rank_batch, time.perf_counter() - t_start)
+    summary = _summary(config, splits, st, stopped_by, ctx, per_rank_batch, time.perf_counter() - t_start)
     if ctx.is_main:
-        _finish(out, summary, splits, st.history)
+        _finish(run, summary, splits, st.history)
     # Tear the process group down together: a gloo rank that destroys it and exits while rank 0 is still
     # writing figures was seen to abort ("terminate called without an active exception").
     D.barrier(ctx)
@@ -288,35 +363,29 @@ def _resumed_config(saved: TrainConfig, given: TrainConfig, explicit: frozenset[
     return TrainConfig.from_dict(d)
 
 
-def _summary(config: TrainConfig, splits: DataSplits, st: RunState, stopped_early: bool, ctx: D.DistContext,
+def _summary(config: TrainConfig, splits: DataSplits, st: RunState, stopped_by: str, ctx: D.DistContext,
              per_rank_batch: int, seconds: float) -> dict[str, Any]:
     last = st.history[-1] if st.history else {}
     return {"best_epoch": st.best_epoch, "best_val_neg_elbo": st.best_val_neg_elbo,
-            "epochs_completed": st.epoch, "stopped_early": stopped_early,
+            "epochs_completed": st.epoch, "stopped_early": stopped_by == "patience", "stopped_by": stopped_by,
             "final": {k: v for k, v in last.items() if k not in TIMING_KEYS},
             "data": {"source": splits.source, "train": len(splits.train), "val": len(splits.val),
                      "test": len(splits.test), "example_shape": list(splits.example_shape),
                      "normalization": splits.normalization.kind},
             "world_size": ctx.world_size, "per_rank_batch_size": per_rank_batch,
             "global_batch_size": per_rank_batch * ctx.world_size, "seconds_this_session": seconds,
+            "train_seconds": st.train_seconds, "time_budget_s": config.time_budget_s,
             "config": config.to_dict()}
 
 
-def _finish(out: Path, summary: dict[str, Any], splits: DataSplits, history: list[dict[str, Any]]) -> None:
+def _finish(run: RunDir, summary: dict[str, Any], splits: DataSplits, history: list[dict[str, Any]]) -> None:
     """summary.json and the figures, from the best checkpoint."""
     from training import figures
-    from training.checkpoint import model_from_checkpoint
 
-    previous = out / "summary.json"
-    if previous.is_file():  # keep an earlier evaluation's "test" block only if it is about this model
-        old = json.loads(previous.read_text())
-        if "test" in old and old.get("best_epoch") == summary["best_epoch"]:
-            summary["test"] = old["test"]
-    write_json(previous, summary)
-    best = model_from_checkpoint(load_checkpoint(out / "best.pt"), out / "best.pt")
-    figures.write_all(out, best, splits, history, seed=summary["config"]["seed"])
+    run.update_summary(summary)
+    figures.write_all(run.path, run.load("best").model, splits, history, seed=summary["config"]["seed"])
     logger.info("best val -ELBO %.3f at epoch %d; run directory %s", summary["best_val_neg_elbo"],
-                summary["best_epoch"], out)
+                summary["best_epoch"], run.path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,11 +405,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         p.add_argument(flag, help=help, **kw)
 
     add("--data", d.data, "digits | mnist:DIR | npy:FILE | images:DIR")
-    add("--arch", d.arch, "encoder/decoder architecture", choices=["mlp", "conv"])
-    add("--latent-dim", d.latent_dim, "latent dimensions d", type=int)
-    add("--hidden", list(d.hidden), "hidden layer sizes (mlp; conv uses the first)", type=int, nargs="+")
+    add("--arch", d.arch, "encoder/decoder architecture", choices=ARCHES)
+    add("--latent-dim", d.latent_dim, "latent dimensions d (0: a power of two near sqrt(input size), "
+        "e.g. 8 for 8x8 digits, 32 for 28x28)", type=int)
+    add("--hidden", list(d.hidden), "hidden layer sizes (mlp; conv uses the first); none given: scaled to the "
+        "input (training.config.auto_hidden): 256 for 8x8 digits, 400 for 28x28", type=int, nargs="*")
     add("--conv-channels", list(d.conv_channels), "conv channels, one halving of H, W each", type=int, nargs="+")
-    add("--likelihood", d.likelihood, "decoder P(x|z)", choices=["bernoulli", "gaussian"])
+    add("--likelihood", d.likelihood, "decoder P(x|z)", choices=LIKELIHOODS)
     add("--learn-variance", d.learn_variance, "Gaussian: learn a per-dimension variance",
         action=argparse.BooleanOptionalAction)
     add("--image-size", d.image_size, "images:DIR are resized to this square size", type=int)
@@ -348,10 +419,21 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction)
     add("--rescale", d.rescale, "Bernoulli: min-max scale float data outside [0, 1] (fitted on train)",
         action=argparse.BooleanOptionalAction)
-    add("--epochs", d.epochs, "maximum number of epochs", type=int)
+    add("--epochs", d.epochs, "maximum number of epochs (and the length of the cosine schedule); 0: 150, or "
+        "no limit when --time-budget-s is given", type=int)
+    add("--time-budget-s", d.time_budget_s, "stop training after this many seconds of wall-clock (checked "
+        "between steps; the last epoch may be partial), then finish as usual; 0: no limit", type=float)
     add("--batch-size", d.batch_size, "GLOBAL batch size (split evenly over torchrun ranks)", type=int)
-    add("--lr", d.lr, "Adam learning rate", type=float)
-    add("--weight-decay", d.weight_decay, "Adam weight decay", type=float)
+    add("--lr", d.lr, "Adam learning rate (peak, after warm-up)", type=float)
+    add("--lr-schedule", d.lr_schedule, "constant, or cosine decay to 0 over --epochs or --time-budget-s, "
+        "whichever ends the run; auto: cosine from 4096 training examples up, constant below",
+        choices=LR_SCHEDULES)
+    add("--lr-warmup-epochs", d.lr_warmup_epochs, "ramp the learning rate linearly from 0 over this many epochs",
+        type=int)
+    add("--weight-decay", d.weight_decay, "Adam weight decay (L2)", type=float)
+    add("--objective", d.objective, "elbo, or iwae: the importance-weighted bound with --iwae-k samples",
+        choices=OBJECTIVES)
+    add("--iwae-k", d.iwae_k, "importance samples per example of --objective iwae", type=int)
     add("--beta", d.beta, "weight of the KL term (beta-VAE)", type=float)
     add("--kl-warmup-epochs", d.kl_warmup_epochs, "ramp the KL weight linearly from 0 over this many epochs",
         type=int)
@@ -360,11 +442,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--test-fraction", d.test_fraction, "fraction of examples for test (unless the data has a test file)",
         type=float)
     add("--seed", d.seed, "seed of the split, initialisation, shuffling and noise", type=int)
-    add("--device", d.device, "training device", choices=["auto", "cpu", "cuda"])
+    add("--device", d.device, "training device", choices=DEVICES)
     add("--patience", d.patience, "stop after this many epochs without a better validation -ELBO (0: never)",
         type=int)
     add("--grad-clip", d.grad_clip, "clip the gradient norm to this (0: off)", type=float)
-    add("--iwae-k", d.iwae_k, "importance samples for evaluation's IWAE bound", type=int)
     add("--out", "runs/latest", "run directory (written by rank 0 only)", type=Path)
     add("--resume", False, "continue from OUT/checkpoint.pt if it exists", action="store_true")
     add("--progress", True, "show a progress bar per epoch", action=argparse.BooleanOptionalAction)
@@ -373,8 +454,6 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--log-level", "INFO", "logging level")
     return p
 
-
-RUNTIME_FLAGS = ("out", "resume", "progress", "dist_timeout_s", "log_level")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -42,8 +42,9 @@ class DecoderOutput:
 class ElboTerms:
     """Per-example terms of the ELBO for a batch."""
 
-    log_lik: Tensor   # (B,) log P(x|z), summed over data dimensions
+    log_lik: Tensor   # (B,) log P(x|z), summed over data dimensions (averaged over z samples)
     kl_per_dim: Tensor  # (B, d) closed-form KL per latent dimension
+    iwae_bound: Tensor | None = None  # (B,) log (1/k) sum_i w_i, when k importance samples were drawn
 
     @property
     def kl(self) -> Tensor:
@@ -84,6 +85,9 @@ class VAE(nn.Module):
 
     def __init__(self, config: TrainConfig, example_shape: tuple[int, ...]) -> None:
         super().__init__()
+        if not config.hidden or config.latent_dim < 1:
+            raise ValueError("hidden / latent_dim: left to be chosen from the input size; build the model "
+                             "from config.resolved(n_in, n_train)")
         self.config = config
         self.example_shape = tuple(int(s) for s in example_shape)
         self.likelihood = config.likelihood
@@ -112,23 +116,47 @@ class VAE(nn.Module):
         return DecoderOutput(mean=out, logvar=self.x_logvar)
 
     def forward(self, x: Tensor, eps: Tensor) -> tuple[ElboTerms, Tensor, Tensor]:
-        """One reparameterised pass. eps (B, d) ~ N(0, I) comes from the caller.
+        """One reparameterised pass. eps ~ N(0, I) comes from the caller: (B, d) for one sample per
+        example, or (k, B, d) for k importance samples (then the terms carry the IWAE bound).
 
         Returns the ELBO terms and mu, logvar (both (B, d)).
         """
         mu, logvar = self.encode(x)
-        z = mu + torch.exp(0.5 * logvar) * eps  # (B, d)
+        if eps.dim() == 3:
+            log_w, log_px_z = importance_log_weights(self, x, mu, logvar, eps)  # (k, B) each
+            bound = torch.logsumexp(log_w, dim=0) - math.log(eps.shape[0])  # (B,)
+            return ElboTerms(log_lik=log_px_z.mean(dim=0), kl_per_dim=kl_divergence(mu, logvar),
+                             iwae_bound=bound), mu, logvar
+        z = torch.addcmul(mu, torch.exp(0.5 * logvar), eps)  # (B, d)
         dec = self.decode(z)
         return ElboTerms(log_lik=log_likelihood(x, dec, self.likelihood),
                          kl_per_dim=kl_divergence(mu, logvar)), mu, logvar
 
 
 def training_objective(terms: ElboTerms, beta: float, free_bits: float) -> Tensor:
-    """Mean over the batch of -log P(x|z) + beta * KL, with the per-dimension free-bits floor."""
+    """Mean over the batch of -log P(x|z) + beta * KL, with the per-dimension free-bits floor; or, when
+    the terms carry an importance-weighted bound (k samples), minus its batch mean."""
+    if terms.iwae_bound is not None:
+        return -terms.iwae_bound.mean()
     kl_dims = terms.kl_per_dim.mean(dim=0)  # (d,) batch-averaged KL per latent dimension
     if free_bits > 0:
         kl_dims = torch.clamp(kl_dims, min=free_bits)
     return -terms.log_lik.mean() + beta * kl_dims.sum()
+
+
+def importance_log_weights(model: VAE, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x) for z_i = mu + sigma * eps_i.
+
+    x (B, *shape); mu, logvar (B, d); eps (n, B, d). Returns log w (n, B) and log p(x|z_i) (n, B).
+    """
+    n, b, d = eps.shape
+    z = mu.unsqueeze(0) + torch.exp(0.5 * logvar).unsqueeze(0) * eps  # (n, B, d)
+    dec = model.decode(z.reshape(n * b, d))
+    xr = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+    log_px_z = log_likelihood(xr, dec, model.likelihood).reshape(n, b)
+    # log p(z) - log q(z|x); the 2*pi terms cancel.
+    log_pz_qz = (-0.5 * (z.pow(2) - eps.pow(2) - logvar.unsqueeze(0))).sum(dim=2)  # (n, B)
+    return log_px_z + log_pz_qz, log_px_z
 
 
 @torch.no_grad()
@@ -140,20 +168,13 @@ def iwae_log_likelihood(model: VAE, x: Tensor, k: int, generator: torch.Generato
     so memory stays bounded for large k.
     """
     mu, logvar = model.encode(x)  # (B, d)
-    std = torch.exp(0.5 * logvar)
     b, d = mu.shape
     log_ws: list[Tensor] = []
     done = 0
     while done < k:
         n = min(chunk, k - done)
         eps = torch.randn((n, b, d), generator=generator, device=mu.device, dtype=mu.dtype)
-        z = mu.unsqueeze(0) + std.unsqueeze(0) * eps  # (n, B, d)
-        dec = model.decode(z.reshape(n * b, d))
-        xr = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
-        log_px_z = log_likelihood(xr, dec, model.likelihood).reshape(n, b)
-        log_pz = (-0.5 * (z.pow(2) + LOG_2PI)).sum(dim=2)  # (n, B)
-        log_qz = (-0.5 * (eps.pow(2) + LOG_2PI) - 0.5 * logvar.unsqueeze(0)).sum(dim=2)
-        log_ws.append(log_px_z + log_pz - log_qz)
+        log_ws.append(importance_log_weights(model, x, mu, logvar, eps)[0])
         done += n
     log_w = torch.cat(log_ws, dim=0)  # (k, B)
     return torch.logsumexp(log_w, dim=0) - math.log(k)

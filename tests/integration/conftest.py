@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import MNIST_DIR, REPO
+from tests.conftest import MNIST_DIR
 from tests.integration._server import ServerProcess, start_server
-
-REPO_ROOT = REPO
+from training.fit import TIMING_KEYS
 
 # Tiny and fast: a few seconds of CPU per run on digits.
 TINY_FLAGS = ["--data", "digits", "--hidden", "32", "--latent-dim", "4", "--lr", "3e-3", "--no-progress",
@@ -27,21 +23,8 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 
 
 def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Metrics rows minus wall-clock fields, which legitimately differ between runs."""
-    return [{k: v for k, v in r.items() if k not in ("examples_per_s", "seconds")} for r in rows]
-
-
-def python_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`python -m ARGS` from the repo root; the caller checks the exit status."""
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=python_env(), text=True,
-                          capture_output=True, timeout=timeout, check=False)
+    """Metrics rows minus wall-clock fields (training.fit.TIMING_KEYS), which legitimately differ between runs."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 @pytest.fixture(scope="module")

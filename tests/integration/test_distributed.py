@@ -7,20 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (
-    REPO_ROOT,
-    TINY_FLAGS,
-    python_env,
-    read_metrics,
-    run_python,
-    without_timing,
-)
+from tests.conftest import REPO, python_env, python_module_cmd, run_module
+from tests.integration.conftest import TINY_FLAGS, read_metrics, without_timing
 from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -36,8 +29,8 @@ RUN_FILES = {"config.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "summar
 
 
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "training.fit", *args]
+    return python_module_cmd("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training.fit",
+                             *args)
 
 
 def _children(pid: int) -> list[int]:
@@ -59,7 +52,7 @@ def _rank_of(pid: int) -> int | None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("ddp") / "run"
-    done = subprocess.run(torchrun(*FLAGS, "--out", str(run)), cwd=REPO_ROOT, env=python_env(), text=True,
+    done = subprocess.run(torchrun(*FLAGS, "--out", str(run)), cwd=REPO, env=python_env(), text=True,
                           capture_output=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-20000:]
     return run
@@ -76,8 +69,7 @@ def test_two_ranks_complete_and_rank_0_alone_writes_the_run_directory(ddp_run: P
 
 def test_two_ranks_match_one_process_with_the_same_global_batch_and_seed(ddp_run: Path, tmp_path: Path) -> None:
     single = tmp_path / "single"
-    done = run_python("training.fit", *FLAGS, "--out", str(single))
-    assert done.returncode == 0, done.stderr[-20000:]
+    run_module("training.fit", *FLAGS, "--out", str(single))
     a = json.loads((ddp_run / "summary.json").read_text())["final"]["val_neg_elbo"]
     b = json.loads((single / "summary.json").read_text())["final"]["val_neg_elbo"]
     assert abs(a - b) <= REL_TOLERANCE * abs(b), (a, b)
@@ -87,7 +79,7 @@ def test_a_killed_rank_fails_the_job_and_the_job_resumes_to_the_same_result(ddp_
                                                                              tmp_path: Path) -> None:
     run = tmp_path / "killed"
     with (tmp_path / "torchrun.log").open("w") as log, subprocess.Popen(
-            torchrun(*FLAGS, "--out", str(run)), cwd=REPO_ROOT, env=python_env(), text=True, stdout=log,
+            torchrun(*FLAGS, "--out", str(run)), cwd=REPO, env=python_env(), text=True, stdout=log,
             stderr=subprocess.STDOUT) as proc:
         deadline = time.monotonic() + 120
         while not ((run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 1):
@@ -104,7 +96,7 @@ def test_a_killed_rank_fails_the_job_and_the_job_resumes_to_the_same_result(ddp_
     assert not (run / "summary.json").exists()
     assert 1 <= load_checkpoint(run / "checkpoint.pt")["epoch"] < 3
 
-    done = subprocess.run(torchrun(*FLAGS, "--resume", "--out", str(run)), cwd=REPO_ROOT, env=python_env(),
+    done = subprocess.run(torchrun(*FLAGS, "--resume", "--out", str(run)), cwd=REPO, env=python_env(),
                           text=True, capture_output=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-20000:]
     assert without_timing(read_metrics(run)) == without_timing(read_metrics(ddp_run))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +16,14 @@ import pytest
 import torch
 
 from serving.manifest import ChecksumMismatch, load_manifest, verify_model_dir
-from tests.conftest import REPO
+from tests.conftest import REPO, flip_byte, run_module
 from training import export as export_mod
 from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.model import DecoderGraph, EncoderGraph
 
 
 def _export(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "training.export", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return run_module("training.export", *args, timeout=300, check=False)
 
 
 def _tree_digest(d: Path) -> dict[str, str]:
@@ -73,9 +73,7 @@ def test_onnx_runtime_reproduces_pytorch_at_batch_sizes_never_seen_at_export(
 def test_a_tampered_model_file_is_detected(exported_model_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(exported_model_dir, copy)
-    data = bytearray((copy / "decoder.onnx").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (copy / "decoder.onnx").write_bytes(bytes(data))
+    flip_byte(copy / "decoder.onnx")
     with pytest.raises(ChecksumMismatch, match=r"files\.decoder: .*decoder\.onnx has sha256 .* the manifest expects"):
         verify_model_dir(copy)
 
@@ -163,3 +161,21 @@ def test_exported_files_hold_no_path_of_this_checkout(exported_model_dir: Path) 
     # The version is derived from the bytes: a path baked in would make it differ between machines.
     for name in ("encoder.onnx", "decoder.onnx"):
         assert str(REPO).encode() not in (exported_model_dir / name).read_bytes(), name
+
+
+def test_an_export_removes_the_staging_directories_of_killed_exports_but_not_of_running_ones(
+        trained_run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exported"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs: the export that used it was killed
+    killed = [tmp_path / f".exported.staging-{dead.pid}-abc123", tmp_path / ".exported.staging-k1x2y3z"]
+    running = tmp_path / f".exported.staging-{os.getpid()}-def456"  # this process is alive: a concurrent export
+    other = tmp_path / f".other.staging-{dead.pid}-ghi789"  # beside another output: not ours to clean
+    for d in (*killed, running, other):
+        d.mkdir()
+        (d / "encoder.onnx").write_bytes(b"half-written")
+    old = time.time() - 2 * 3600  # a staging directory without a pid (older exports) is judged by its age
+    os.utime(killed[1], (old, old))
+    proc = _export("--run", str(trained_run_dir), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["exported", running.name, other.name])

@@ -5,23 +5,16 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.conftest import (
-    REPO_ROOT,
-    TINY_FLAGS,
-    python_env,
-    read_metrics,
-    run_python,
-    without_timing,
-)
+from tests.conftest import REPO, flip_byte, python_env, python_module_cmd, run_module
+from tests.integration.conftest import TINY_FLAGS, read_metrics, without_timing
 from training import evaluate, fit
-from training.checkpoint import load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 
 RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "samples.png",
              "reconstructions.png", "curves.png", "interpolation.png")
@@ -97,20 +90,18 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_identical_metrics(tmp_path
     flags = [*TINY_FLAGS, "--epochs", "5", "--batch-size", "4", "--binarize", "--kl-warmup-epochs", "2",
              "--free-bits", "0.05"]
     ref = tmp_path / "uninterrupted"
-    done = run_python("training.fit", *flags, "--out", str(ref))
-    assert done.returncode == 0, done.stderr
+    run_module("training.fit", *flags, "--out", str(ref))
 
     run = tmp_path / "killed"
     with (tmp_path / "killed.log").open("w") as log, subprocess.Popen(
-            [sys.executable, "-m", "training.fit", *flags, "--out", str(run)], cwd=REPO_ROOT, env=python_env(),
+            python_module_cmd("training.fit", *flags, "--out", str(run)), cwd=REPO, env=python_env(),
             text=True, stdout=log, stderr=subprocess.STDOUT) as proc:
         _wait_and_kill_mid_epoch(proc, run, after_epochs=2)
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] < 5
     assert not (run / "summary.json").exists()
 
-    resumed = run_python("training.fit", *flags, "--resume", "--out", str(run))
-    assert resumed.returncode == 0, resumed.stderr
+    run_module("training.fit", *flags, "--resume", "--out", str(run))
     assert without_timing(read_metrics(run)) == without_timing(read_metrics(ref))
     a, b = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(ref / "checkpoint.pt")
     for name, tensor in a["model"].items():
@@ -119,3 +110,48 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_identical_metrics(tmp_path
     sb = json.loads((ref / "summary.json").read_text())
     assert (sa["best_epoch"], sa["best_val_neg_elbo"], sa["final"]) == (sb["best_epoch"], sb["best_val_neg_elbo"],
                                                                         sb["final"])
+
+
+def test_resume_survives_a_metrics_file_whose_last_line_was_cut_off(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert fit.main([*TINY_FLAGS, "--epochs", "2", "--out", str(run)]) == 0
+    rows = read_metrics(run)
+    with (run / "metrics.jsonl").open("a") as f:  # a kill during the write of epoch 3's row
+        f.write(json.dumps(dict(rows[-1], epoch=3))[:40])
+    assert fit.main([*TINY_FLAGS, "--epochs", "3", "--resume", "--out", str(run)]) == 0
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+def test_a_checkpoint_with_one_flipped_byte_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert fit.main([*TINY_FLAGS, "--epochs", "1", "--out", str(run)]) == 0
+    size = (run / "checkpoint.pt").stat().st_size
+    for offset in (size // 2, (3 * size) // 4, -200):  # tensor data (weights, optimiser state) and the tail
+        copy = tmp_path / f"flipped{offset}.pt"
+        copy.write_bytes((run / "checkpoint.pt").read_bytes())
+        flip_byte(copy, offset)
+        with pytest.raises(CheckpointError, match=r"flipped.*\.pt: .*(checksum|corrupt)"):
+            load_checkpoint(copy)
+    assert fit.main([*TINY_FLAGS, "--epochs", "2", "--resume", "--out", str(run)]) == 0  # the intact one loads
+
+
+def test_a_time_budget_stops_training_on_time_and_the_run_finishes_normally(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert fit.main([*TINY_FLAGS, "--time-budget-s", "3", "--out", str(run)]) == 0  # no --epochs: no epoch limit
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "time_budget" and summary["time_budget_s"] == 3.0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["time_budget_s"], config["epochs"]) == (3.0, 0)
+    assert abs(summary["train_seconds"] - 3.0) <= 0.05 * 3.0, summary["train_seconds"]
+    rows = read_metrics(run)
+    assert not any(r["partial"] for r in rows[:-1])  # only the last epoch may be cut short
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+
+
+def test_the_iwae_objective_trains(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert fit.main([*TINY_FLAGS, "--epochs", "3", "--objective", "iwae", "--iwae-k", "4", "--out", str(run)]) == 0
+    rows = read_metrics(run)
+    assert rows[-1]["val_neg_elbo"] < rows[0]["val_neg_elbo"]
+    assert json.loads((run / "config.json").read_text())["objective"] == "iwae"

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import REPO_ROOT
+from tests.conftest import REPO
 
-MANIFESTS = REPO_ROOT / "deploy" / "k8s" / "training"
+MANIFESTS = REPO / "deploy" / "k8s" / "training"
 RESOURCE_FILES = ("pvc.yaml", "service.yaml", "job.yaml")
 K8S_VERSION = "1.31.0"
 

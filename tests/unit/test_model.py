@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.model import VAE, DecoderOutput, ElboTerms, kl_divergence, log_likelihood, training_objective
 
 
@@ -67,3 +67,52 @@ def test_gaussian_log_likelihood_matches_torch_normal() -> None:
     ll = log_likelihood(x, DecoderOutput(mean=mean), "gaussian")
     ref = torch.distributions.Normal(mean, 1.0).log_prob(x).sum(dim=1)
     torch.testing.assert_close(ll, ref)
+
+
+def test_the_iwae_objective_with_one_sample_is_the_single_sample_importance_weight() -> None:
+    torch.manual_seed(0)
+    model = VAE(TrainConfig(latent_dim=3, hidden=(8,)), (6,)).double()
+    x = torch.rand(4, 6, dtype=torch.float64)
+    eps = torch.randn(1, 4, 3, dtype=torch.float64)  # (k=1, B, d)
+    terms, mu, logvar = model(x, eps)
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * eps[0]
+    q, prior = torch.distributions.Normal(mu, std), torch.distributions.Normal(0.0, 1.0)
+    log_px_z = log_likelihood(x, model.decode(z), "bernoulli")
+    by_hand = log_px_z + prior.log_prob(z).sum(1) - q.log_prob(z).sum(1)  # (B,) log w
+    assert terms.iwae_bound is not None
+    torch.testing.assert_close(terms.iwae_bound, by_hand)
+    torch.testing.assert_close(terms.log_lik, log_px_z)
+    loss = training_objective(terms, beta=1.0, free_bits=0.0)
+    torch.testing.assert_close(loss, -by_hand.mean())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_more_importance_samples_tighten_the_bound_on_average() -> None:
+    torch.manual_seed(0)
+    model = VAE(TrainConfig(latent_dim=2, hidden=(16,)), (10,))
+    x = torch.rand(256, 10)
+    with torch.no_grad():
+        one = model(x, torch.randn(1, 256, 2))[0].iwae_bound
+        many = model(x, torch.randn(50, 256, 2))[0].iwae_bound
+    assert one is not None and many is not None
+    assert float(many.mean()) > float(one.mean())
+
+
+def test_the_architecture_left_open_scales_with_the_input() -> None:
+    digits, mnist = TrainConfig().resolved(64, 1293), TrainConfig().resolved(784, 7200)
+    assert (digits.hidden, digits.latent_dim, digits.lr_schedule) == ((256,), 8, "constant")
+    assert (mnist.hidden, mnist.latent_dim, mnist.lr_schedule) == ((400,), 32, "cosine")
+    assert (digits.epochs, TrainConfig(time_budget_s=60).resolved(64, 1293).epochs) == (150, 0)
+    given = TrainConfig(hidden=(128, 64), latent_dim=20, lr_schedule="cosine").resolved(784, 100)
+    assert (given.hidden, given.latent_dim, given.lr_schedule) == ((128, 64), 20, "cosine")
+    with pytest.raises(ValueError, match="hidden / latent_dim: left to be chosen"):
+        VAE(TrainConfig(), (64,))
+
+
+def test_the_iwae_objective_refuses_the_elbo_only_knobs() -> None:
+    with pytest.raises(ConfigError, match=r"free_bits: the iwae objective .* expected 0.0, got 0.5"):
+        TrainConfig(objective="iwae", free_bits=0.5)
+    with pytest.raises(ConfigError, match=r"objective: expected one of \('elbo', 'iwae'\), got 'vi'"):
+        TrainConfig(objective="vi")  # type: ignore[arg-type]
