@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import run_module
 from tests.integration._server import REPO, ServerProcess
 
 pytestmark = pytest.mark.slow
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "loadgen", *args], check=False, cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    return run_module("loadgen", *args, timeout=60, check=False)
 
 
 def result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -58,10 +58,8 @@ def test_a_remote_target_is_refused_before_anything_is_sent() -> None:
                     reason="h2load missing (Debian nghttp2-client; `make test` installs it as root)")
 def test_the_grpc_floor_measures_do_nothing_servers_of_each_kind_with_h2load(tmp_path: Path) -> None:
     out = tmp_path / "floor.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.grpc_floor", "--kinds", "aio-uvloop", "sync-4",
-                           "--rounds", "1", "--requests", "400", "--streams", "16", "--out", str(out)],
-                          check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_module("benchmarks.grpc_floor", "--kinds", "aio-uvloop", "sync-4", "--rounds", "1", "--requests",
+                      "400", "--streams", "16", "--out", str(out), timeout=120)
     res = json.loads(out.read_text())
     assert list(res["kinds"]) == ["aio-uvloop", "sync-4"] and res["requests"] == 400
     for r in res["kinds"].values():

@@ -10,7 +10,6 @@ import math
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
 from serving.client import VaeClient
 from serving.manifest import Manifest, load_manifest
 from serving.tensors import from_tensor, to_tensor
-from tests.conftest import flip_byte
+from tests.conftest import flip_byte, run_module
 from tests.integration._server import REPO, ServerProcess, serving_cmd, start_failure, start_server
 
 
@@ -428,8 +427,7 @@ def test_explicit_cuda_without_a_usable_gpu_refuses_to_start(exported_model_dir:
 
 
 def test_bad_flags_exit_2_naming_the_flag() -> None:
-    proc = subprocess.run([sys.executable, "-m", "serving", "--max-batch-size", "0"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = run_module("serving", "--max-batch-size", "0", timeout=60, check=False)
     assert proc.returncode == 2 and "max-batch-size: expected an integer >= 1" in proc.stderr
 
 
@@ -497,10 +495,7 @@ def test_metrics_over_tls_need_a_client_certificate_when_the_grpc_port_does(expo
 def test_the_client_cli_prints_info_and_writes_png_grids(server: ServerProcess, direct: Direct,
                                                          tmp_path: Path) -> None:
     def cli(*args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "serving.client", "--target", server.target, *args],
-                              cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
+        return run_module("serving.client", "--target", server.target, *args, timeout=60).stdout
 
     assert '"latent_dim"' in cli("info")
     np.save(tmp_path / "x.npy", examples(direct, 4))
