@@ -6,9 +6,10 @@ measured here, one 16,384 x 784 Reconstruct (51 MB in, 51 MB out, 105 MB of deco
 at 458 MB over the idle server, a 16,384-row Decode (51 MB out, 51 MB of logits it does not return) at
 261 MB. Each RPC therefore reserves `REQUEST_COPIES` x its request bytes when it arrives
 (`serving.rpc`) and `RESPONSE_COPIES` x the bytes of every output it makes (returned or not) once the
-core knows them (`VaeCore.check_response_size`), and gives both back when it ends. A reservation that would pass the budget is refused at once with
-MemoryBusy (RESOURCE_EXHAUSTED): nothing is decoded or computed for it. One RPC larger than the whole
-budget is still admitted when nothing else is in flight, so every request the other limits allow can run.
+core knows them (`VaeCore.check_response_size`), and gives both back when it ends. A reservation
+that would pass the budget is refused at once with MemoryBusy (RESOURCE_EXHAUSTED): nothing is decoded
+or computed for it. One RPC larger than the whole budget is still admitted when nothing else is in
+flight, so every request the other limits allow can run.
 """
 
 from __future__ import annotations

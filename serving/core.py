@@ -70,6 +70,8 @@ class VaeCore:
         enc, dec = self._index["encoder"], self._index["decoder"]
         self._i_mu, self._i_var, self._i_logvar = enc["mu"], enc["var"], enc["logvar"]
         self._i_mean, self._i_logits, self._i_xvar = dec["x_mean"], dec.get("logits"), dec.get("x_var")
+        # float32 values per row over every output of each graph (sizes the response checks; fixed)
+        self._row_floats = {role: sum(math.prod(t.tail) for t in g.outputs) for role, g in self.graphs.items()}
 
     def start(self) -> None:
         for b in self.batchers.values():
@@ -120,8 +122,9 @@ class VaeCore:
 
     def floats_per_row(self, model: str, outputs: Sequence[str] | None = None) -> int:
         """float32 values per row in the named outputs of `model` (default: all of them)."""
-        specs = self.graphs[model].outputs
-        return sum(math.prod(t.tail) for t in specs if outputs is None or t.name in outputs)
+        if outputs is None:
+            return self._row_floats[model]
+        return sum(math.prod(t.tail) for t in self.graphs[model].outputs if t.name in outputs)
 
     # -- operations -----------------------------------------------------------------------------
 

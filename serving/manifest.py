@@ -178,7 +178,7 @@ class Manifest:
             v = self.normalization.get(key)
             values = v if isinstance(v, list) else [v]
             ok = (isinstance(v, (int, float)) or (isinstance(v, list) and len(v) == self.example_size)) and all(
-                isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in values)
+                _finite_number(a) for a in values)
             if not ok:
                 raise ManifestError(f"normalization.{key}: expected a finite number or {self.example_size} finite "
                                     f"numbers, got {_describe(v)}")
@@ -193,9 +193,13 @@ class Manifest:
                 raise ManifestError(f"files.{role}.bytes: expected a size >= 1, got {entry.bytes}")
 
 
+def _finite_number(a: Any) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+
+
 def _describe(v: Any) -> str:
     if isinstance(v, list):
-        bad = [a for a in v if not (isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a))]
+        bad = [a for a in v if not _finite_number(a)]
         return f"a list of {len(v)}" + (f" with {len(bad)} non-finite or non-numeric entries ({bad[0]!r})" if bad else "")
     return repr(v)[:80]
 

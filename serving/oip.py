@@ -107,11 +107,12 @@ class OipServicer:
                                    "other typed contents", name)
             arr = core.input_tensor(name, t.name, t.shape, data)
         declared = spec.output_names()
-        wanted = [o.name for o in request.outputs] or declared
+        requested = [o.name for o in request.outputs]
+        wanted = requested or declared
         unknown = [n for n in wanted if n not in declared]
         if unknown:
             raise InvalidInput("outputs", f"names among {declared}", str(unknown), name)
-        results = await core.run(name, arr, deadline_of(context), wanted)
+        results = await core.run(name, arr, deadline_of(context), requested or None)
         resp = pb.ModelInferResponse(model_name=name, model_version=MODEL_VERSION, id=request.id)
         for n in wanted:
             a = np.ascontiguousarray(results[n], dtype=F32)
