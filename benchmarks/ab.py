@@ -28,7 +28,7 @@ SCENARIOS: list[tuple[str, int, int]] = [("encode", 64, 1), ("decode", 64, 1), (
 
 def one(tree: Path, model_dir: Path, work: Path, name: str, duration_s: float) -> dict[str, dict[str, float]]:
     cmd = ["taskset", "-c", "0", sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--host",
-           "127.0.0.1", "--port", "0", "--metrics-port", "0", "--providers", "cpu", "--log-level", "WARNING"]
+           "127.0.0.1", "--port", "0", "--http-port", "0", "--providers", "cpu", "--log-level", "WARNING"]
     s = LocalServer.start(cmd, work / name, cwd=tree)
     out: dict[str, dict[str, float]] = {}
     try:

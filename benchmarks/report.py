@@ -330,7 +330,7 @@ def render(res: dict[str, Any]) -> None:
             "(`--max-batch-size 256 --max-queue-delay-us 500`), `mbs1` = `--max-batch-size 1`."), "",
             "Commands (server, then load generator; ports come from the ready file):", "", "```",
             ("taskset -c 0 python -m serving --model-dir runs/bench/exported --host 127.0.0.1 --port 0 "
-            "--metrics-port 0 --providers cpu --log-level WARNING [--max-batch-size 1] --ready-file R"),
+            "--http-port 0 --providers cpu --log-level WARNING [--max-batch-size 1] --ready-file R"),
             ("taskset -c 1 python -m loadgen --ready-file R --rpc {encode,sample} --concurrency C --rows B "
             f"--duration-s {s['duration_s']:g} --warmup-s 1"), "```", "", serving_table(res), "",
             "![throughput and p99 vs concurrency](benchmarks/results/throughput_p99_vs_concurrency.png)", "",

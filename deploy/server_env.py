@@ -38,7 +38,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "kserve": {"model_dir": "/mnt/models"},
 }
 # The Dockerfile's final targets set these variables in ENV (standalone `docker run` needs no ConfigMap).
-IMAGE_ENV_FIELDS = ("model_dir", "host", "port", "metrics_port", "providers")
+IMAGE_ENV_FIELDS = ("model_dir", "host", "port", "http_port", "providers")
 IMAGE_LAYERS = {"cpu": ("base",), "gpu": ("base", "gpu")}
 
 ENV_FILES = {"base": REPO / "deploy/k8s/base/server.env", "gpu": REPO / "deploy/k8s/overlays/gpu/server.env"}

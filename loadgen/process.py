@@ -27,10 +27,10 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def serving_cmd(model_dir: Path, *flags: str) -> list[str]:
-    """`python -m serving` on loopback port 0 with metrics on port 0, on CPU, without a drain delay
+    """`python -m serving` on loopback port 0 with HTTP (REST, metrics) on port 0, on CPU, without a drain delay
     (whoever exercises the drain passes its own `--drain-delay-s`: argparse takes the last one)."""
     return [sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-            "--port", "0", "--metrics-port", "0", "--providers", "cpu", "--drain-delay-s", "0", *flags]
+            "--port", "0", "--http-port", "0", "--providers", "cpu", "--drain-delay-s", "0", *flags]
 
 
 class ServerStartError(RuntimeError):
@@ -46,6 +46,7 @@ class LocalServer:
     ready_path: Path
     start_s: float  # from the Popen to the ready file
     server_pid: int  # the ready file's pid: the command's own, or the server a launcher started
+    http_port: int = -1  # the REST API's port (vae-serve: the same as metrics_port; -1: none)
 
     @classmethod
     def start(cls, cmd: list[str], workdir: Path, name: str = "server", timeout_s: float = 120.0,
@@ -75,7 +76,7 @@ class LocalServer:
             proc.kill()
             raise ServerStartError(f"{name}: the ready file names pid {info['pid']}, not {proc.pid}")
         return cls(proc, int(info["grpc_port"]), int(info.get("metrics_port", -1)), log_path, ready, start_s,
-                   int(info["pid"]))
+                   int(info["pid"]), int(info.get("http_port", -1)))
 
     @property
     def pid(self) -> int:

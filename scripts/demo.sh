@@ -27,7 +27,7 @@ step "4/7 start the server"
 mkdir -p "$SERVE_DIR"
 ready="$SERVE_DIR/ready.json"
 rm -f "$ready"
-"$PY" -m serving --model-dir "$EXPORT_DIR" --host 127.0.0.1 --port 0 --metrics-port 0 \
+"$PY" -m serving --model-dir "$EXPORT_DIR" --host 127.0.0.1 --port 0 --http-port 0 \
     --ready-file "$ready" >"$SERVE_DIR/server.log" 2>&1 &
 server_pid=$!
 cleanup() { kill -TERM "$server_pid" 2>/dev/null || true; }

@@ -1,4 +1,4 @@
-"""python -m serving --model-dir exported/ [--port 50051] [--metrics-port 9090] [--ready-file F] ...
+"""python -m serving --model-dir exported/ [--port 50051] [--http-port 8080] [--ready-file F] ...
 
 Flags and their VAE_SERVE_* environment variables: `python -m serving --help`.
 Exit codes: 0 clean shutdown, 1 start-up failure (bad model, checksum, providers), 2 bad flags.
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
-from serving.config import ConfigError, ServeConfig
+from serving.config import ConfigError, ServeConfig, deprecated_settings
 from serving.errors import StartupError
 from serving.loop import loop_factory
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for note in deprecated_settings(sys.argv[1:] if argv is None else argv, os.environ):
+        logger.warning("%s", note)
     from serving.server import serve  # after logging is configured
 
     try:

@@ -1,9 +1,14 @@
 """Serving configuration: one frozen dataclass built from flags and `VAE_SERVE_*` environment variables.
 
-    python -m serving --model-dir exported/ --port 50051 --metrics-port 9090 --providers auto
+    python -m serving --model-dir exported/ --port 50051 --http-port 8080 --providers auto
 
 Every flag `--some-flag` is also the environment variable `VAE_SERVE_SOME_FLAG`; a flag given on the
 command line wins over the environment, which wins over the default.
+
+Renamed flags still work, with a warning at start-up (`deprecated_settings`): `--metrics-port`,
+`--metrics-host` and `--metrics-tls` (and their VAE_SERVE_METRICS_* variables) are now `--http-port`,
+`--http-host` and `--http-tls`, since that port serves the Open Inference Protocol's REST API and health
+beside `/metrics` (0.3.0).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from pathlib import Path
 PROVIDER_CHOICES: tuple[str, ...] = ("auto", "cuda", "cpu")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ENV_PREFIX = "VAE_SERVE_"
+# Old flag -> the flag it became (each still accepted, with a warning at start-up).
+RENAMED_FLAGS: dict[str, str] = {"--metrics-port": "--http-port", "--metrics-host": "--http-host",
+                                 "--metrics-tls": "--http-tls"}
 
 
 class ConfigError(ValueError):
@@ -31,9 +39,10 @@ class ServeConfig:
     model_dir: Path = Path("exported")
     host: str = "0.0.0.0"
     port: int = 50051
-    metrics_port: int = 9090
-    metrics_host: str = ""
-    metrics_tls: bool = False
+    http_port: int = 8080
+    http_host: str = ""
+    http_tls: bool = False
+    http_read_timeout_s: float = 30.0
     providers: str = "auto"
     intra_op_threads: int = 1
     max_batch_size: int = 256
@@ -55,7 +64,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
             ("port", 0 <= self.port <= 65535, "0 (any free port) .. 65535"),
-            ("metrics_port", -1 <= self.metrics_port <= 65535, "-1 (off), 0 (any free port) .. 65535"),
+            ("http_port", -1 <= self.http_port <= 65535, "-1 (off), 0 (any free port) .. 65535"),
+            ("http_read_timeout_s", self.http_read_timeout_s > 0, "a number > 0"),
             ("providers", self.providers in PROVIDER_CHOICES, f"one of {PROVIDER_CHOICES}"),
             ("intra_op_threads", self.intra_op_threads >= 0, "an integer >= 0 (0 = ONNX Runtime default)"),
             ("max_batch_size", self.max_batch_size >= 1, "an integer >= 1 (rows)"),
@@ -69,8 +79,8 @@ class ServeConfig:
             ("drain_delay_s", self.drain_delay_s >= 0, "a number >= 0"),
             ("max_concurrent_rpcs", self.max_concurrent_rpcs >= 0, "an integer >= 0 (0 = no limit)"),
             ("max_connection_age_s", self.max_connection_age_s >= 0, "a number >= 0 (0 = no limit)"),
-            ("metrics_tls", not self.metrics_tls or self.tls_cert is not None,
-             "only with --tls-cert and --tls-key (the metrics port uses the same files)"),
+            ("http_tls", not self.http_tls or self.tls_cert is not None,
+             "only with --tls-cert and --tls-key (the HTTP port uses the same files)"),
             ("log_level", self.log_level in LOG_LEVELS, f"one of {LOG_LEVELS}"),
             ("tls_key", (self.tls_cert is None) == (self.tls_key is None),
              "--tls-cert and --tls-key given together"),
@@ -101,6 +111,23 @@ def _env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+def _field(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def deprecated_settings(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """One warning line per renamed flag or variable that `argv` or `env` still uses."""
+    notes = []
+    for old, new in RENAMED_FLAGS.items():
+        if any(a == old or a.startswith(old + "=") for a in argv):
+            notes.append(f"{old} is now {new} (the same port also serves the REST API); please rename it")
+        old_env, new_env = _env_name(_field(old)), _env_name(_field(new))
+        if old_env in env:
+            used = "ignored: " + new_env + " is set" if new_env in env else "used"
+            notes.append(f"{old_env} is now {new_env} ({used}); please rename it")
+    return notes
+
+
 def _opt_path(s: str) -> Path | None:
     return Path(s) if s else None
 
@@ -127,25 +154,36 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         description="Serve an exported VAE over gRPC on ONNX Runtime. Every flag is also an environment "
                     "variable VAE_SERVE_<FLAG_IN_UPPER_SNAKE>.")
 
+    old_names = {new: old for old, new in RENAMED_FLAGS.items()}
+
     def add(flag: str, typ: type | object, help_: str, **kw: object) -> None:
         name = flag.lstrip("-").replace("-", "_")
         default = getattr(d, name)
+        old = old_names.get(flag)
         raw = env.get(_env_name(name))
+        if raw is None and old is not None:
+            raw = env.get(_env_name(_field(old)))
         if raw is not None:
             try:
                 default = typ(raw)  # type: ignore[operator]
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{_env_name(name)}: expected {getattr(typ, '__name__', typ)}, "
                                   f"got {raw!r}") from e
-        p.add_argument(flag, type=typ, default=default, help=help_, **kw)  # type: ignore[arg-type]
+        flags = (flag, old) if old is not None else (flag,)
+        if old is not None:
+            help_ += f" (formerly {old}, still accepted)"
+        p.add_argument(*flags, dest=name, type=typ, default=default, help=help_, **kw)  # type: ignore[arg-type]
 
     add("--model-dir", Path, "exported model directory (model.json, encoder.onnx, decoder.onnx)")
-    add("--host", str, "address to bind for gRPC and metrics")
+    add("--host", str, "address to bind for gRPC and HTTP")
     add("--port", int, "gRPC port; 0 = any free port (see --ready-file)")
-    add("--metrics-port", int, "Prometheus /metrics HTTP port; 0 = any free port, -1 = off")
-    add("--metrics-host", str, "address to bind the metrics port (empty = the same as --host)")
-    add("--metrics-tls", _bool, "serve /metrics over TLS with --tls-cert/--tls-key (and --tls-client-ca)",
+    add("--http-port", int, "HTTP port: the Open Inference Protocol REST API (/v2/...), its health "
+                            "endpoints and Prometheus /metrics; 0 = any free port, -1 = off")
+    add("--http-host", str, "address to bind the HTTP port (empty = the same as --host)")
+    add("--http-tls", _bool, "serve HTTP over TLS with --tls-cert/--tls-key (and --tls-client-ca)",
         nargs="?", const=True)
+    add("--http-read-timeout-s", float, "seconds an HTTP client gets to send a request's head, and again "
+                                        "its body; slower connections are closed (408 for a body)")
     add("--providers", str, "ONNX Runtime providers: auto (CUDA if it really works, else CPU), cuda, cpu",
         choices=PROVIDER_CHOICES)
     add("--intra-op-threads", int, "ONNX Runtime intra-op threads per session (0 = ORT default)")
@@ -168,12 +206,15 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--tls-key", _opt_path, "server private key (PEM)")
     add("--tls-client-ca", _opt_path, "CA bundle (PEM) for client certificates; enables mutual TLS")
     add("--log-level", str.upper, "logging level", choices=LOG_LEVELS)
-    add("--ready-file", _opt_path, "write JSON {grpc_port, metrics_port, pid} here once SERVING")
+    add("--ready-file", _opt_path, "write JSON {grpc_port, http_port, metrics_port, pid} here once SERVING "
+                                   "(metrics_port: the HTTP port, under its old name)")
     return p
 
 
-def write_ready_file(path: Path, grpc_port: int, metrics_port: int) -> None:
-    """Atomically write the `--ready-file` JSON {grpc_port, metrics_port, pid}: a reader never sees half."""
+def write_ready_file(path: Path, grpc_port: int, http_port: int) -> None:
+    """Atomically write the `--ready-file` JSON {grpc_port, http_port, metrics_port, pid}: a reader never
+    sees half. `metrics_port` is the HTTP port (where /metrics is), for readers of the old layout."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"grpc_port": grpc_port, "http_port": http_port, "metrics_port": http_port,
+                               "pid": os.getpid()}))
     tmp.replace(path)

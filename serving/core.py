@@ -83,7 +83,7 @@ class VaeCore:
 
     # -- validation at the edge ---------------------------------------------------------------
 
-    def input_tensor(self, model: str, field: str, shape: Sequence[int], data: bytes) -> np.ndarray:
+    def input_tensor(self, model: str, field: str, shape: Sequence[int], data: bytes | memoryview) -> np.ndarray:
         """Validate and decode the input tensor of `model` (its one input in the manifest: x or z).
 
         `data` is raw little-endian float32 (decoded with np.frombuffer, no copy). Raises InvalidInput

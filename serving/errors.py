@@ -9,15 +9,18 @@
     ├── ShuttingDown             UNAVAILABLE: the server is draining
     └── StartupError             not an RPC error: the server refuses to start (bad model, providers)
 
-Adapters (servicer.py, oip.py) never choose a status code themselves: `serving.rpc` calls `status_for`,
-which applies `STATUS_TABLE` (the one table: cancellation and deadlines are told apart there too, by
-`status_for_cancelled`); anything not in the table is INTERNAL with a generic message and a logged
-traceback, and the server keeps serving. Messages quote request values through `quote`, cut short.
+Adapters (servicer.py, oip.py, http.py) never choose a status code themselves: `serving.rpc` calls
+`status_for` and `serving.http` calls `http_status_for`, which both apply `STATUS_TABLE` (the one table:
+each error's gRPC code, HTTP status and, for back-pressure, the Retry-After seconds; cancellation and
+deadlines are told apart by `status_for_cancelled`); anything not in the table is INTERNAL (HTTP 500)
+with a generic message and a logged traceback, and the server keeps serving. Messages quote request
+values through `quote`, cut short.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import grpc
 
@@ -80,14 +83,34 @@ class StartupError(ServeError):
     """The server cannot start: the model, its checksums or the providers are not as required."""
 
 
-STATUS_TABLE: dict[type[ServeError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ResponseTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    MemoryBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+@dataclass(frozen=True)
+class Status:
+    """What one kind of error is answered with, on each protocol."""
+
+    grpc: grpc.StatusCode
+    http: int
+    retry_after_s: int | None = None  # back-pressure: when to try again (HTTP Retry-After)
+
+
+# HTTP statuses as Triton and KServe answer the Open Inference Protocol over REST: 400 for a bad request,
+# 503 with Retry-After when the server is full or draining, 504 when the deadline passed in the queue.
+# A response over --max-message-bytes is the client's to fix (fewer rows, or binary outputs): 400.
+STATUS_TABLE: dict[type[ServeError], Status] = {
+    InvalidInput: Status(grpc.StatusCode.INVALID_ARGUMENT, 400),
+    QueueFull: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, 1),
+    ResponseTooLarge: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 400),
+    MemoryBusy: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, 1),
+    DeadlineExpired: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    ShuttingDown: Status(grpc.StatusCode.UNAVAILABLE, 503, 1),
 }
+INTERNAL = Status(grpc.StatusCode.INTERNAL, 500)
+# HTTP statuses the HTTP layer answers itself (routing, body limits, slow bodies) -> the gRPC code they
+# count under in vae_requests_total, so that one error-ratio rule covers both protocols.
+GRPC_BY_HTTP: dict[int, grpc.StatusCode] = {
+    200: grpc.StatusCode.OK, 400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 
@@ -100,11 +123,21 @@ def status_for_cancelled(time_remaining: float | None) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
-def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
-    """The status code and message for an exception; logs a traceback for anything unexpected."""
+def _lookup(exc: BaseException, method: str) -> tuple[Status, str]:
     for cls in type(exc).__mro__:
-        code = STATUS_TABLE.get(cls)  # type: ignore[arg-type]
-        if code is not None:
-            return code, str(exc)
+        status = STATUS_TABLE.get(cls)  # type: ignore[arg-type]
+        if status is not None:
+            return status, str(exc)
     logger.error("unexpected error in %s", method or "request", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+    return INTERNAL, INTERNAL_MESSAGE
+
+
+def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message for an exception; logs a traceback for anything unexpected."""
+    status, message = _lookup(exc, method)
+    return status.grpc, message
+
+
+def http_status_for(exc: BaseException, method: str = "") -> tuple[Status, str]:
+    """The whole Status (HTTP status, gRPC code for the metrics, Retry-After) and message for an exception."""
+    return _lookup(exc, method)

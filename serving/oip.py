@@ -3,13 +3,16 @@
 Models: `encoder` and `decoder`, version "1" (the manifest version is accepted too). Their inputs and
 outputs are the manifest's graph specs, every one of them (encoder x -> mu, var, logvar; decoder z ->
 x_mean plus logits or x_var): ModelMetadata says exactly what the ONNX graphs produce, and ModelInfer
-returns any of them. ModelInfer goes through the same validation, batcher, deadlines, back-pressure and
+returns any of them. `OipModels` holds what the gRPC adapter here and the REST one (`serving.http`)
+share. ModelInfer goes through the same validation, batcher, deadlines, back-pressure and
 metrics as vae.v1.VaeService (`serving.rpc`, `VaeCore.input_tensor`); errors are the codes Triton gives:
 INVALID_ARGUMENT for an unknown model, input name, datatype, shape or size, and for raw and typed
 contents mixed.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,7 +21,7 @@ from serving import __version__
 from serving._proto.inference import grpc_service_pb2 as pb
 from serving.core import VaeCore
 from serving.errors import InvalidInput
-from serving.manifest import GraphSpec
+from serving.manifest import GraphSpec, TensorSpec
 from serving.metrics import Metrics
 from serving.rpc import deadline_of
 from serving.tensors import F32, fp32_contents_bytes, set_fp32_contents
@@ -32,23 +35,25 @@ DATATYPES = {"float32": "FP32"}
 FP32 = DATATYPES["float32"]
 
 
-class OipServicer:
-    """Open Inference Protocol over the shared core (registered by `serving.rpc.add_service`)."""
+class OipModels:
+    """The Open Inference Protocol's models, protocol-free: what gRPC (`OipServicer`) and REST
+    (`serving.http`) share. Names, versions, metadata, and every check of an infer request that does not
+    depend on how its tensors are encoded; the adapters only unpack their encoding."""
 
-    def __init__(self, core: VaeCore, metrics: Metrics) -> None:
+    def __init__(self, core: VaeCore) -> None:
         self.core = core
-        self.metrics = metrics
         self.models: dict[str, GraphSpec] = dict(core.graphs)
         self.versions = ("", MODEL_VERSION, core.manifest.version)
-        meta = pb.ModelMetadataResponse.TensorMetadata
-        self._metadata = {
-            name: pb.ModelMetadataResponse(
-                name=name, versions=[MODEL_VERSION], platform=PLATFORM,
-                inputs=[meta(name=t.name, datatype=DATATYPES[t.dtype], shape=t.shape) for t in g.inputs],
-                outputs=[meta(name=t.name, datatype=DATATYPES[t.dtype], shape=t.shape) for t in g.outputs])
+        self.metadata: dict[str, dict[str, Any]] = {
+            name: {"name": name, "versions": [MODEL_VERSION], "platform": PLATFORM,
+                   "inputs": [{"name": t.name, "datatype": DATATYPES[t.dtype], "shape": list(t.shape)}
+                              for t in g.inputs],
+                   "outputs": [{"name": t.name, "datatype": DATATYPES[t.dtype], "shape": list(t.shape)}
+                               for t in g.outputs]}
             for name, g in self.models.items()}
+        self.server_metadata: dict[str, Any] = {"name": SERVER_NAME, "version": __version__, "extensions": []}
 
-    def _model(self, name: str, version: str) -> GraphSpec:
+    def model(self, name: str, version: str) -> GraphSpec:
         spec = self.models.get(name)
         if spec is None:
             raise InvalidInput("model_name", f"one of {sorted(self.models)}", repr(name))
@@ -56,6 +61,42 @@ class OipServicer:
             raise InvalidInput("model_version", f"'', {MODEL_VERSION!r} or {self.core.manifest.version!r}",
                                repr(version), name)
         return spec
+
+    def model_ready(self, name: str, version: str) -> bool:
+        return name in self.models and version in self.versions and self.core.ready
+
+    def check_input(self, model: str, spec: GraphSpec, names: list[str], datatype: str) -> TensorSpec:
+        """The request names one input, the model's, with its datatype; that input's spec."""
+        want = spec.input
+        if len(names) != 1 or names[0] != want.name:
+            raise InvalidInput("inputs", f"one input named {want.name!r}", str(names), model)
+        if datatype != DATATYPES[want.dtype]:
+            raise InvalidInput(f"inputs[{want.name!r}].datatype", DATATYPES[want.dtype], repr(datatype), model)
+        return want
+
+    def outputs(self, model: str, spec: GraphSpec, requested: list[str]) -> list[str]:
+        """The outputs to return: those requested (each one the model has), else all of them."""
+        declared = spec.output_names()
+        wanted = requested or declared
+        unknown = [n for n in wanted if n not in declared]
+        if unknown:
+            raise InvalidInput("outputs", f"names among {declared}", str(unknown), model)
+        return wanted
+
+
+class OipServicer:
+    """Open Inference Protocol over the shared core (registered by `serving.rpc.add_service`)."""
+
+    def __init__(self, core: VaeCore, metrics: Metrics) -> None:
+        self.core = core
+        self.metrics = metrics
+        self.oip = OipModels(core)
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        self._metadata = {
+            name: pb.ModelMetadataResponse(
+                name=name, versions=m["versions"], platform=m["platform"],
+                inputs=[meta(**t) for t in m["inputs"]], outputs=[meta(**t) for t in m["outputs"]])
+            for name, m in self.oip.metadata.items()}
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -67,29 +108,25 @@ class OipServicer:
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        ok = request.name in self.models and request.version in self.versions
-        return pb.ModelReadyResponse(ready=ok and self.core.ready)
+        return pb.ModelReadyResponse(ready=self.oip.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+        return pb.ServerMetadataResponse(**self.oip.server_metadata)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        self._model(request.name, request.version)
+        self.oip.model(request.name, request.version)
         return self._metadata[request.name]
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         name = request.model_name
-        spec = self._model(name, request.model_version)
-        want_in = spec.input
-        if len(request.inputs) != 1 or request.inputs[0].name != want_in.name:
-            raise InvalidInput("inputs", f"one input named {want_in.name!r}",
-                               str([t.name for t in request.inputs]), name)
-        t = request.inputs[0]
-        if t.datatype != DATATYPES[want_in.dtype]:
-            raise InvalidInput(f"inputs[{t.name!r}].datatype", DATATYPES[want_in.dtype], repr(t.datatype), name)
+        oip = self.oip
+        spec = oip.model(name, request.model_version)
+        t = request.inputs[0] if request.inputs else None
+        oip.check_input(name, spec, [i.name for i in request.inputs], t.datatype if t is not None else "")
+        assert t is not None
         raw = len(request.raw_input_contents) > 0
         core = self.core
         if raw:
@@ -106,12 +143,8 @@ class OipServicer:
                 raise InvalidInput(f"inputs[{t.name!r}].contents", "fp32_contents only (datatype FP32)",
                                    "other typed contents", name)
             arr = core.input_tensor(name, t.name, t.shape, data)
-        declared = spec.output_names()
         requested = [o.name for o in request.outputs]
-        wanted = requested or declared
-        unknown = [n for n in wanted if n not in declared]
-        if unknown:
-            raise InvalidInput("outputs", f"names among {declared}", str(unknown), name)
+        wanted = oip.outputs(name, spec, requested)
         results = await core.run(name, arr, deadline_of(context), requested or None)
         resp = pb.ModelInferResponse(model_name=name, model_version=MODEL_VERSION, id=request.id)
         for n in wanted:

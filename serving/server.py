@@ -2,13 +2,15 @@
 
 Start-up: verify checksums, open and warm up both ONNX Runtime sessions, start the batchers, bind the
 gRPC port (VaeService, the Open Inference Protocol, grpc.health.v1, reflection; optional TLS/mTLS) and
-the Prometheus port (`GET /metrics` only, `--metrics-host`, optional TLS), set health SERVING, and write
-the ready file `{"grpc_port", "metrics_port", "pid"}`.
+the HTTP port (`serving.http`: the Open Inference Protocol over REST, its health endpoints and Prometheus
+`/metrics`; `--http-host`, optional TLS), set health SERVING, and write the ready file
+`{"grpc_port", "http_port", "metrics_port", "pid"}`.
 
 Shutdown, in the order Kubernetes needs: on SIGTERM, health (and OIP readiness) turn NOT_SERVING at
-once while the server keeps serving every RPC for `--drain-delay-s`, so that load balancers and
-endpoint controllers stop sending; then health Watch streams end, new RPCs are refused, in-flight RPCs
-get `--grace-period-s` to finish, the batchers stop and the process exits 0. SIGINT (Ctrl-C) skips the
+once (and `/v2/health/ready` answers 503) while the server keeps serving every RPC and HTTP request for
+`--drain-delay-s`, so that load balancers and endpoint controllers stop sending; then health Watch
+streams end, new RPCs and HTTP connections are refused, in-flight ones get `--grace-period-s` to
+finish, the batchers stop and the process exits 0. SIGINT (Ctrl-C) skips the
 drain delay.
 """
 
@@ -30,8 +32,8 @@ from serving.budget import InflightBudget
 from serving.config import ServeConfig, write_ready_file
 from serving.core import VaeCore
 from serving.errors import StartupError
+from serving.http import HttpServer
 from serving.metrics import Metrics
-from serving.metrics_http import MetricsServer
 from serving.rpc import add_service
 from serving.runtime import load_model
 
@@ -73,8 +75,8 @@ class RunningServer:
     metrics: Metrics
     health: Health
     grpc_port: int
-    metrics_port: int
-    metrics_server: MetricsServer | None = None
+    http_port: int
+    http_server: HttpServer | None = None
     _stopped: bool = field(default=False)
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
@@ -92,10 +94,11 @@ class RunningServer:
         grace = self.config.grace_period_s if grace_s is None else grace_s
         logger.info("shutting down: refusing new RPCs, draining in-flight RPCs for up to %.1f s", grace)
         self.health.close_watches()
-        await self.server.stop(grace)
+        if self.http_server is not None:
+            await asyncio.gather(self.server.stop(grace), self.http_server.shutdown(grace))
+        else:
+            await self.server.stop(grace)
         await self.core.close()
-        if self.metrics_server is not None:
-            await self.metrics_server.close()
         logger.info("stopped")
 
 
@@ -140,7 +143,7 @@ async def start(config: ServeConfig) -> RunningServer:
     core = VaeCore(model, config, metrics)
     core.start()
     server: grpc.aio.Server | None = None
-    metrics_server: MetricsServer | None = None
+    http_server: HttpServer | None = None
     try:
         options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -168,26 +171,26 @@ async def start(config: ServeConfig) -> RunningServer:
         port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"port: cannot bind {address}")
-        metrics_port = -1
-        if config.metrics_port >= 0:
-            metrics_server = MetricsServer(metrics.registry, config.metrics_host or config.host,
-                                           config.metrics_port, tls if config.metrics_tls else None)
-            metrics_port = await metrics_server.start()
+        http_port = -1
+        if config.http_port >= 0:
+            http_server = HttpServer(core, metrics, metrics.registry, config, budget,
+                                     tls if config.http_tls else None)
+            http_port = await http_server.start()
         await server.start()
         core.ready = True  # gates the OIP ServerReady/ModelReady answers; set before health says SERVING
         for name in HEALTH_NAMES:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        running = RunningServer(config, server, core, metrics, health_servicer, port, metrics_port, metrics_server)
+        running = RunningServer(config, server, core, metrics, health_servicer, port, http_port, http_server)
     except BaseException:
         # A failed start (port in use, TLS files unreadable, ...) must not leave runner threads,
         # wake-up pipes or a half-started server behind.
         if server is not None:
             await server.stop(0)
-        if metrics_server is not None:
-            await metrics_server.close()
+        if http_server is not None:
+            await http_server.shutdown(0)
         await core.close()
         raise
-    logger.info("SERVING on %s (grpc port %d, metrics port %d%s) in %.0f ms", config.host, port, metrics_port,
+    logger.info("SERVING on %s (grpc port %d, http port %d%s) in %.0f ms", config.host, port, http_port,
                 ", TLS" + (" + client auth" if config.tls_client_ca else "") if creds else "",
                 1e3 * (time.perf_counter() - t0))
     return running
@@ -207,7 +210,7 @@ async def serve(config: ServeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     if config.ready_file is not None:
-        write_ready_file(config.ready_file, running.grpc_port, running.metrics_port)
+        write_ready_file(config.ready_file, running.grpc_port, running.http_port)
     await stop.wait()
     logger.info("%s received", received[0].name)
     await running.stop(drain_delay_s=0.0 if received[0] == signal.SIGINT else None)

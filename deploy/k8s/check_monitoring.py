@@ -76,8 +76,8 @@ def check(docs: list[Obj], out: Path) -> list[str]:
                       f"{drain} + grace {grace}")
     if str(env.get("VAE_SERVE_PORT")) != str(ports.get("grpc")):
         errors.append(f"ConfigMap: VAE_SERVE_PORT {env.get('VAE_SERVE_PORT')} != grpc port {ports.get('grpc')}")
-    if str(env.get("VAE_SERVE_METRICS_PORT")) != str(ports.get("metrics")):
-        errors.append(f"ConfigMap: VAE_SERVE_METRICS_PORT != metrics port {ports.get('metrics')}")
+    if str(env.get("VAE_SERVE_HTTP_PORT", 8080)) != str(ports.get("http")):
+        errors.append(f"ConfigMap: VAE_SERVE_HTTP_PORT != the container's http port {ports.get('http')}")
 
     services = by_kind.get("Service", [])
     for svc in services:

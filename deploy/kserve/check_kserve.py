@@ -74,8 +74,8 @@ def check(docs: list[Obj], out: Path) -> list[str]:
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     if ports.get("h2c") != defaults.port:
         errors.append(f"runtime container: port h2c {ports.get('h2c')} != ServeConfig port {defaults.port}")
-    if spec["annotations"].get("prometheus.kserve.io/port") != str(defaults.metrics_port):
-        errors.append(f"prometheus.kserve.io/port != ServeConfig metrics_port {defaults.metrics_port}")
+    if spec["annotations"].get("prometheus.kserve.io/port") != str(defaults.http_port):
+        errors.append(f"prometheus.kserve.io/port != ServeConfig http_port {defaults.http_port}")
     for name in ("startupProbe", "readinessProbe", "livenessProbe"):
         g = c.get(name, {}).get("grpc")
         if g is None or g["port"] != defaults.port or g.get("service", "") not in HEALTH_NAMES:

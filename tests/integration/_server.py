@@ -30,5 +30,5 @@ def start_server(model_dir: Path, workdir: Path, *flags: str, timeout: float = 6
 
 def start_failure(model_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     """`python -m serving` expected to refuse to start: its exit status and output, for the test to check."""
-    return subprocess.run([*serving_cmd(model_dir, "--metrics-port", "-1"), *flags], cwd=REPO,
+    return subprocess.run([*serving_cmd(model_dir, "--http-port", "-1"), *flags], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=False)

@@ -145,10 +145,10 @@ def run_container(image: str, model_dir: Path | None, name: str) -> Iterator[Con
     podman("rm", "-f", name, check=False)
     t0 = time.monotonic()
     mount = ["-v", f"{model_dir}:/models:ro"] if model_dir else []
-    podman("run", "-d", "--name", name, *HARDENED, *mount, "-p", "127.0.0.1::50051", "-p", "127.0.0.1::9090", image)
+    podman("run", "-d", "--name", name, *HARDENED, *mount, "-p", "127.0.0.1::50051", "-p", "127.0.0.1::8080", image)
     ports = {line.split("/")[0]: int(line.rsplit(":", 1)[1])
              for line in podman("port", name).stdout.splitlines() if "->" in line}
-    c = Container(name, ports["50051"], ports["9090"])
+    c = Container(name, ports["50051"], ports["8080"])
     try:
         wait_serving(c.target, c.running)
         print(f"\n[image] {name}: podman run -> SERVING in {time.monotonic() - t0:.2f} s; server log: "
@@ -364,7 +364,7 @@ def test_kube_play_runs_the_cpu_overlay_deployment_probes_pass_and_kube_down_rem
     podman("kube", "down", str(manifest), check=False)
     podman("kube", "play", str(manifest))
     try:
-        c = Container(ctr, host_port[50051], host_port[9090])
+        c = Container(ctr, host_port[50051], host_port[8080])
         waited = wait_serving(c.target, c.running, timeout=180)
         assert podman("pod", "inspect", "--format", "{{.State}}", pod_name).stdout.strip() == "Running"
         hc = podman("inspect", "--format", "{{json .Config.Healthcheck}}", ctr).stdout.strip()

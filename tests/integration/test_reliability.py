@@ -374,34 +374,3 @@ def test_model_info_does_not_show_local_paths(server: ServerProcess, exported_mo
     assert shown["training"]["config"]["data"] == raw["training"]["config"]["data"].split(":", 1)[0]
     assert str(REPO) not in info.manifest_json and "/tmp/" not in info.manifest_json
     assert shown["files"] == raw["files"] and shown["encoder"] == raw["encoder"]
-
-
-def test_the_metrics_port_serves_only_metrics(server: ServerProcess) -> None:
-    import urllib.error
-    import urllib.request
-
-    base = f"http://127.0.0.1:{server.metrics_port}"
-    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
-        assert "vae_requests_total" in r.read().decode()
-    for path in ("/", "/metrics/x", "/admin"):
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(base + path, timeout=10)
-        e.value.close()
-        assert e.value.code == 404
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(urllib.request.Request(base + "/metrics", data=b"x", method="POST"), timeout=10)
-    e.value.close()
-    assert e.value.code == 405
-
-
-def test_the_metrics_port_binds_its_own_host(exported_model_dir: Path, tmp_path: Path) -> None:
-    import socket
-
-    s = start_server(exported_model_dir, tmp_path, "--metrics-host", "127.0.0.2")
-    try:
-        with socket.create_connection(("127.0.0.2", s.metrics_port), timeout=5):
-            pass
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", s.metrics_port), timeout=5).close()
-    finally:
-        assert s.stop() == 0

@@ -411,7 +411,7 @@ def test_a_missing_model_dir_stops_start_up_with_a_clear_error(tmp_path: Path) -
 def test_explicit_cuda_without_a_usable_gpu_refuses_to_start(exported_model_dir: Path, tmp_path: Path) -> None:
     # Where CUDA works the server starts and serves: find that out through a ready file, not a timeout.
     ready = tmp_path / "ready.json"
-    with subprocess.Popen([*serving_cmd(exported_model_dir, "--providers", "cuda", "--metrics-port", "-1"),
+    with subprocess.Popen([*serving_cmd(exported_model_dir, "--providers", "cuda", "--http-port", "-1"),
                            "--ready-file", str(ready)], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as p:
         while p.poll() is None and not ready.exists():
@@ -469,25 +469,27 @@ def test_mutual_tls_serves_clients_with_a_certificate_and_refuses_others(exporte
         assert s.stop() == 0
 
 
-def test_metrics_over_tls_need_a_client_certificate_when_the_grpc_port_does(exported_model_dir: Path,
+def test_http_over_tls_needs_a_client_certificate_when_the_grpc_port_does(exported_model_dir: Path,
                                                                              tmp_path: Path) -> None:
     import ssl
     import urllib.request
 
     pki = _make_pki(tmp_path)
     s = start_server(exported_model_dir, tmp_path / "srv", "--tls-cert", str(pki["server.pem"]),
-                     "--tls-key", str(pki["server.key"]), "--tls-client-ca", str(pki["ca.pem"]), "--metrics-tls")
+                     "--tls-key", str(pki["server.key"]), "--tls-client-ca", str(pki["ca.pem"]), "--http-tls")
     try:
-        url = f"https://localhost:{s.metrics_port}/metrics"
+        url = f"https://localhost:{s.http_port}/metrics"
         ctx = ssl.create_default_context(cafile=str(pki["ca.pem"]))
         ctx.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
         with urllib.request.urlopen(url, context=ctx, timeout=10) as r:
             assert "vae_requests_total" in r.read().decode()
+        with urllib.request.urlopen(f"https://localhost:{s.http_port}/v2/health/ready", context=ctx, timeout=10) as r:
+            assert r.status == 200
         anonymous = ssl.create_default_context(cafile=str(pki["ca.pem"]))
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             urllib.request.urlopen(url, context=anonymous, timeout=10).read()
         with pytest.raises(OSError):  # plain HTTP to the TLS metrics port
-            urllib.request.urlopen(f"http://localhost:{s.metrics_port}/metrics", timeout=10).read()
+            urllib.request.urlopen(f"http://localhost:{s.http_port}/metrics", timeout=10).read()
     finally:
         assert s.stop() == 0
 

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from serving.config import ConfigError, ServeConfig
+from serving.config import ConfigError, ServeConfig, deprecated_settings
 
 
 def test_defaults_match_the_architecture_contract() -> None:
     c = ServeConfig.from_args([], env={})
-    assert (c.port, c.metrics_port, c.providers, c.intra_op_threads) == (50051, 9090, "auto", 1)
+    assert (c.port, c.http_port, c.providers, c.intra_op_threads) == (50051, 8080, "auto", 1)
     assert (c.max_batch_size, c.max_queue_delay_us, c.max_queue_rows) == (256, 500, 16384)
     assert (c.max_sample_count, c.max_message_bytes, c.grace_period_s) == (4096, 16 * 1024 * 1024, 10.0)
     assert (c.max_inflight_bytes, c.drain_delay_s, c.max_concurrent_rpcs, c.max_connection_age_s) == (
         256 * 1024 * 1024, 2.0, 4096, 300.0)
-    assert c.metrics_host == "" and not c.metrics_tls
+    assert c.http_host == "" and not c.http_tls and c.http_read_timeout_s == 30.0
     assert c.model_dir == Path("exported") and c.ready_file is None and not c.tls
 
 
@@ -24,6 +24,19 @@ def test_environment_variables_set_defaults_and_flags_win_over_them() -> None:
     env = {"VAE_SERVE_PORT": "6000", "VAE_SERVE_MAX_BATCH_SIZE": "32", "VAE_SERVE_PROVIDERS": "cpu"}
     c = ServeConfig.from_args(["--port", "7000"], env=env)
     assert (c.port, c.max_batch_size, c.providers) == (7000, 32, "cpu")
+
+
+def test_the_renamed_metrics_flags_and_variables_still_work_and_say_their_new_names() -> None:
+    c = ServeConfig.from_args(["--metrics-port", "9100", "--metrics-host", "127.0.0.2"], env={})
+    assert (c.http_port, c.http_host) == (9100, "127.0.0.2")
+    assert ServeConfig.from_args([], env={"VAE_SERVE_METRICS_PORT": "9101"}).http_port == 9101
+    assert ServeConfig.from_args([], env={"VAE_SERVE_METRICS_PORT": "9101", "VAE_SERVE_HTTP_PORT": "9102"}
+                                 ).http_port == 9102
+    notes = deprecated_settings(["--metrics-port=9100", "--metrics-tls"], {"VAE_SERVE_METRICS_HOST": "x"})
+    assert len(notes) == 3 and notes[0].startswith("--metrics-port is now --http-port")
+    assert "VAE_SERVE_METRICS_HOST is now VAE_SERVE_HTTP_HOST (used)" in notes[1]
+    assert notes[2].startswith("--metrics-tls is now --http-tls")
+    assert deprecated_settings(["--http-port", "1"], {}) == []
 
 
 def test_a_malformed_environment_variable_is_reported_by_name() -> None:
@@ -35,7 +48,8 @@ def test_a_malformed_environment_variable_is_reported_by_name() -> None:
     ({"max_batch_size": 0}, "max-batch-size: expected an integer >= 1"),
     ({"max_queue_rows": 8, "max_batch_size": 16}, "max-queue-rows: expected an integer >= max_batch_size"),
     ({"port": 70000}, "port: expected 0"),
-    ({"metrics_port": -2}, "metrics-port: expected -1"),
+    ({"http_port": -2}, "http-port: expected -1"),
+    ({"http_read_timeout_s": 0.0}, "http-read-timeout-s: expected a number > 0"),
     ({"providers": "tpu"}, "providers: expected one of"),
     ({"max_queue_delay_us": -1}, "max-queue-delay-us: expected an integer >= 0"),
     ({"grace_period_s": -1.0}, "grace-period-s: expected a number >= 0"),

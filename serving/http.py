@@ -1,0 +1,439 @@
+"""The HTTP port (`--http-port`): the Open Inference Protocol over REST, its health endpoints and
+Prometheus `/metrics`, served by aiohttp on the event loop the gRPC server runs (no thread per connection).
+
+    GET  /v2                                         server metadata
+    GET  /v2/health/live                             200 {"live": true}
+    GET  /v2/health/ready                            200 {"ready": true}, 503 {"ready": false} while
+                                                     starting or draining
+    GET  /v2/models/{model}[/versions/{v}]           model metadata (the manifest's tensors)
+    GET  /v2/models/{model}[/versions/{v}]/ready     200 / 503, as above
+    POST /v2/models/{model}[/versions/{v}]/infer     inference: JSON tensors, or the binary tensor extension
+    GET  /metrics                                    Prometheus exposition (text format)
+
+`HEAD` is answered wherever `GET` is. Requests go through the same core as gRPC: `OipModels` (model,
+version, input and output checks), `VaeCore.input_tensor` (shape, size, finite values), the batchers,
+the bytes-in-flight budget and the metrics (`vae_requests_total{method="http/ModelInfer", code}` with
+the gRPC code of the answer, so one error-ratio rule covers both protocols). Errors are
+`{"error": "..."}` with the status of `serving.errors.STATUS_TABLE` (400 bad request, 503 + Retry-After
+when full or draining, 504 deadline); this layer adds 404 (unknown path), 405 (method), 408 (body not
+sent within --http-read-timeout-s) and 413 (body over --max-message-bytes).
+
+Binary tensor extension (as Triton and KServe define it): the header `Inference-Header-Content-Length: L`
+says the body's first L bytes are the JSON request and the rest are the inputs' raw little-endian bytes,
+in input order, each input saying its size in `parameters.binary_data_size`. An output asked for with
+`parameters.binary_data: true` (or every output, with the request's `parameters.binary_data_output`)
+comes back the same way after the JSON response, which then carries `binary_data_size` for it.
+
+Deadlines: the request's `parameters.timeout` (microseconds, as tritonclient sends it) or the header
+`Timeout-Ms`; a request still queued when it passes gets 504. JSON bodies over `JSON_INLINE_BYTES` are
+parsed (and large JSON answers encoded) on a worker thread so one big body does not hold up the loop.
+A client gets --http-read-timeout-s to send a request's head (aiohttp's keep-alive timer, which also
+closes idle connections) and the same again for its body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from serving.budget import REQUEST_COPIES, InflightBudget, current_lease
+from serving.config import ServeConfig
+from serving.core import VaeCore
+from serving.errors import GRPC_BY_HTTP, InvalidInput, ResponseTooLarge, ShuttingDown, http_status_for, quote
+from serving.jsoncodec import JsonPool, Problem, encode_response, parse_request
+from serving.metrics import Metrics
+from serving.oip import FP32, MODEL_VERSION, OipModels
+from serving.tensors import F32
+
+logger = logging.getLogger(__name__)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+TIMEOUT_HEADER = "Timeout-Ms"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+# JSON bodies (and answers) larger than this are parsed (encoded) on a worker thread.
+JSON_INLINE_BYTES = 64 * 1024
+# A JSON body's memory: its bytes, the Python floats it parses to (32 bytes for each ~10 characters) and
+# the float32 array; reserved on the bytes-in-flight budget as this many times the body.
+JSON_REQUEST_COPIES = 6
+# At the end of a shutdown, what a connection's last answer gets to go out before it is closed.
+SHUTDOWN_LINGER_S = 1.0
+# Shutdown closes the port once no request has arrived for this long (nothing in flight either).
+QUIET_S = 0.2
+
+Handler = Callable[[web.BaseRequest, list[str]], Awaitable[web.Response]]
+
+
+class HttpError(Exception):
+    """An answer this layer gives itself (routing, body limits): status and message."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(obj, separators=(",", ":")).encode(), status=status,
+                        content_type=JSON_TYPE, headers=headers)
+
+
+def _field(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str, expected: str,
+           model: str | None, default: Any = None, required: bool = False) -> Any:
+    """obj[key] checked against `typ` (bool is not an int here); InvalidInput naming `where`."""
+    if key not in obj:
+        if required:
+            raise InvalidInput(where, expected, "nothing", model)
+        return default
+    v = obj[key]
+    if not isinstance(v, typ) or (isinstance(v, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,))):
+        raise InvalidInput(where, expected, quote(json.dumps(v)[:200]) if _jsonable(v) else type(v).__name__, model)
+    return v
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool, list, dict)) or v is None
+
+
+class HttpServer:
+    """The HTTP port of one server: `start` binds, `close` stops taking connections, `shutdown` drains."""
+
+    def __init__(self, core: VaeCore, metrics: Metrics, registry: CollectorRegistry, config: ServeConfig,
+                 budget: InflightBudget, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.core = core
+        self.oip = OipModels(core)
+        self.metrics = metrics
+        self.registry = registry
+        self.config = config
+        self.budget = budget
+        self.ssl_context = ssl_context
+        self.max_body = config.max_message_bytes
+        self._web: web.Server | None = None
+        self._json = JsonPool()
+        self.closing = False  # after the drain delay: new requests get 503 and their connection closes
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._last_request = 0.0
+        self._server: asyncio.AbstractServer | None = None
+        m = metrics.method_metrics
+        self._mm = {name: m("http/" + name) for name in (
+            "ServerMetadata", "ServerLive", "ServerReady", "ModelMetadata", "ModelReady", "ModelInfer")}
+        self._server_metadata = json.dumps(self.oip.server_metadata).encode()
+        self._model_metadata = {n: json.dumps(v).encode() for n, v in self.oip.metadata.items()}
+
+    async def start(self) -> int:
+        """Bind and listen; the port bound (for port 0)."""
+        timeout = self.config.http_read_timeout_s
+        self._web = web.Server(self._handle, access_log=None, keepalive_timeout=timeout,
+                               max_field_size=8190, max_line_size=8190)
+        host = self.config.http_host or self.config.host
+        self._server = await asyncio.get_running_loop().create_server(
+            self._web, host, self.config.http_port, ssl=self.ssl_context, reuse_address=True)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def stop_listening(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """After the drain delay: new requests get 503 (ShuttingDown, Retry-After) and their connection
+        closes, while requests in flight get up to `grace_s` to finish; then the port closes. (Closing
+        the port first would reset connections the kernel had already accepted for it.)"""
+        self.closing = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace_s
+        # Until nothing is in flight and no request has come for QUIET_S (clients told Retry-After have
+        # gone), or the grace period is over.
+        while loop.time() < end and (self._inflight or loop.time() - self._last_request < QUIET_S):
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(0.0, end - loop.time()))
+            except TimeoutError:
+                break
+            await asyncio.sleep(max(0.0, min(end, self._last_request + QUIET_S) - loop.time()))
+        if self._inflight:
+            logger.warning("HTTP: %d requests still in flight after the %.1f s grace period", self._inflight, grace_s)
+        self.stop_listening()
+        if self._web is not None:
+            await self._web.shutdown(SHUTDOWN_LINGER_S)
+            self._web = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        self._json.close()
+
+    # -- routing --------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
+        path = request.path
+        if path == "/metrics":
+            if request.method not in ("GET", "HEAD"):
+                return _json({"error": "/metrics: expected GET"}, 405, {"Allow": "GET, HEAD"})
+            body = generate_latest(self.registry)
+            return web.Response(body=b"" if request.method == "HEAD" else body,
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+        parts = path.split("/")
+        route = self._route(parts)
+        if route is None:
+            return _json({"error": f"{quote(path)}: not found; the REST API is under /v2 (see /v2/models/"
+                                   f"{{{'|'.join(self.oip.models)}}}), metrics under /metrics"}, 404)
+        name, method, handler = route
+        if request.method != method and not (method == "GET" and request.method == "HEAD"):
+            allow = "GET, HEAD" if method == "GET" else method
+            return _json({"error": f"{quote(path)}: expected {method}, got {quote(request.method)}"}, 405,
+                         {"Allow": allow})
+        mm = self._mm[name]
+        mm.started()
+        t0 = time.perf_counter()
+        lease = self.budget.lease()
+        token = current_lease.set(lease)
+        self._inflight += 1
+        self._idle.clear()
+        self._last_request = asyncio.get_running_loop().time()
+        try:
+            if self.closing and name == "ModelInfer":
+                raise ShuttingDown("the server is shutting down; send to another replica")
+            response = await handler(request, parts)
+            code = "OK"
+        except HttpError as e:
+            code = GRPC_BY_HTTP.get(e.status, GRPC_BY_HTTP[400]).name
+            response = _json({"error": str(e)}, e.status, e.headers)
+        except Exception as e:  # noqa: BLE001  # every error becomes its status (500 if unexpected, logged)
+            status, message = http_status_for(e, "http/" + name)
+            code = status.grpc.name
+            if isinstance(e, InvalidInput) and e.model in self.metrics.models:
+                self.metrics.models[e.model].rejected["invalid"].inc()
+            headers = {"Retry-After": str(status.retry_after_s)} if status.retry_after_s else None
+            response = _json({"error": message}, status.http, headers)
+        finally:
+            lease.release()
+            current_lease.reset(token)
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+        mm.finished(code, time.perf_counter() - t0)
+        if request.method == "HEAD":
+            response.body = b""
+        if self.closing:
+            response.force_close()
+        return response
+
+    def _route(self, parts: list[str]) -> tuple[str, str, Handler] | None:
+        """(metrics name, HTTP method, handler) for a path split on "/", or None (404)."""
+        if len(parts) < 2 or parts[0] != "" or parts[1] != "v2":
+            return None
+        rest = parts[2:]
+        if not rest or rest == [""]:
+            return "ServerMetadata", "GET", self._server_meta
+        if rest == ["health", "live"]:
+            return "ServerLive", "GET", self._live
+        if rest == ["health", "ready"]:
+            return "ServerReady", "GET", self._ready
+        if rest[0] != "models" or len(rest) < 2 or not rest[1]:
+            return None
+        tail = rest[2:]
+        if len(tail) >= 2 and tail[0] == "versions":
+            tail = tail[2:]
+        if not tail:
+            return "ModelMetadata", "GET", self._model_meta
+        if tail == ["ready"]:
+            return "ModelReady", "GET", self._model_ready
+        if tail == ["infer"]:
+            return "ModelInfer", "POST", self._infer
+        return None
+
+    @staticmethod
+    def _model_version(parts: list[str]) -> tuple[str, str]:
+        # parts: ["", "v2", "models", name, ("versions", v,)? ...]
+        name = parts[3]
+        version = parts[5] if len(parts) > 5 and parts[4] == "versions" else ""
+        return name, version
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    async def _server_meta(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
+        return web.Response(body=self._server_metadata, content_type=JSON_TYPE)
+
+    async def _live(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
+        return _json({"live": True})
+
+    async def _ready(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
+        ready = self.core.ready
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    async def _model_meta(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
+        name, version = self._model_version(parts)
+        self.oip.model(name, version)
+        return web.Response(body=self._model_metadata[name], content_type=JSON_TYPE)
+
+    async def _model_ready(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
+        name, version = self._model_version(parts)
+        ready = self.oip.model_ready(name, version)
+        return _json({"name": name, "ready": ready}, 200 if ready else 503)
+
+    async def _read_body(self, request: web.BaseRequest, copies: int) -> bytes:
+        """The whole body, within --max-message-bytes and --http-read-timeout-s, reserved on the budget."""
+        limit = self.max_body
+        n = request.content_length
+        if n is not None and n > limit:
+            raise HttpError(413, f"body: {n:,} bytes, over --max-message-bytes {limit:,}")
+        lease = current_lease.get()
+        assert lease is not None
+        if n is not None:
+            lease.reserve(copies * n, "body")
+        try:
+            async with asyncio.timeout(self.config.http_read_timeout_s):
+                if n is not None and "Content-Encoding" not in request.headers:
+                    return await request.content.readexactly(n)
+                chunks, total = [], 0
+                async for chunk in request.content.iter_any():  # chunked or compressed: counted as it comes
+                    total += len(chunk)
+                    if total > limit:
+                        raise HttpError(413, f"body: over --max-message-bytes {limit:,} (counted after "
+                                             f"any Content-Encoding is undone)")
+                    chunks.append(chunk)
+                if n is None:
+                    lease.reserve(copies * total, "body")
+                return b"".join(chunks)
+        except TimeoutError:
+            raise HttpError(408, f"body: not received within --http-read-timeout-s "
+                                 f"{self.config.http_read_timeout_s:g}") from None
+        except asyncio.IncompleteReadError as e:
+            raise HttpError(400, f"body: expected {n:,} bytes (Content-Length), got {len(e.partial):,}") from None
+
+    async def _infer(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
+        name, version = self._model_version(parts)
+        oip, core = self.oip, self.core
+        spec = oip.model(name, version)
+        header_len_raw = request.headers.get(HEADER_LENGTH)
+        body = await self._read_body(request, REQUEST_COPIES if header_len_raw is not None else JSON_REQUEST_COPIES)
+        if header_len_raw is not None:
+            try:
+                header_len = int(header_len_raw)
+            except ValueError:
+                header_len = -1
+            if not 0 <= header_len <= len(body):
+                raise InvalidInput(HEADER_LENGTH, f"an integer from 0 to the body's {len(body)} bytes",
+                                   quote(repr(header_len_raw)), name)
+        else:
+            header_len = len(body)
+        head = body if header_len == len(body) else body[:header_len]
+        loop = asyncio.get_running_loop()
+        parsed = (await loop.run_in_executor(self._json.executor(), parse_request, head, header_len_raw is not None)
+                  if header_len > JSON_INLINE_BYTES else parse_request(head, header_len_raw is not None))
+        if isinstance(parsed, Problem):
+            raise InvalidInput(parsed.field, parsed.expected, parsed.got, name)
+        req = parsed
+        params = _field(req, "parameters", dict, "parameters", "an object", name, {})
+        inputs = _field(req, "inputs", list, "inputs", "a list of input tensors", name, required=True)
+        if not all(isinstance(t, dict) for t in inputs):
+            raise InvalidInput("inputs", "a list of objects (name, shape, datatype, data)", "other values", name)
+        names = [str(t.get("name")) for t in inputs]
+        want = oip.check_input(name, spec, names, str(inputs[0].get("datatype")) if inputs else "")
+        t = inputs[0]
+        where = f"inputs[{want.name!r}]"
+        shape = _field(t, "shape", list, where + ".shape", "a list of integers", name, required=True)
+        if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise InvalidInput(where + ".shape", "a list of integers", quote(json.dumps(shape)), name)
+        tparams = _field(t, "parameters", dict, where + ".parameters", "an object", name, {})
+        binary_size = _field(tparams, "binary_data_size", int, where + ".parameters.binary_data_size",
+                             "an integer (bytes)", name)
+        binary = memoryview(body)[header_len:]
+        if binary_size is not None:
+            if "_data" in t or "_problem" in t or "data" in t:
+                raise InvalidInput(where + ".data", "no data when parameters.binary_data_size is given", "both", name)
+            if binary_size != len(binary):
+                raise InvalidInput(where + ".parameters.binary_data_size",
+                                   f"the {len(binary)} binary bytes after the JSON header", str(binary_size), name)
+            data: bytes | memoryview = binary
+        else:
+            if len(binary):
+                raise InvalidInput(HEADER_LENGTH, "no bytes after the JSON header unless an input has "
+                                   "parameters.binary_data_size", f"{len(binary)} bytes", name)
+            if "_problem" in t:
+                p = t["_problem"]
+                raise InvalidInput(p.field, p.expected, p.got, name)
+            if "_data" not in t:
+                got = type(t["data"]).__name__ if "data" in t else "nothing"
+                raise InvalidInput(where + ".data", "the tensor's values as a list of numbers (or "
+                                   "parameters.binary_data_size)", got, name)
+            data = t["_data"]
+        arr = core.input_tensor(name, where, shape, data)
+        outputs = _field(req, "outputs", list, "outputs", "a list of {name, parameters}", name, [])
+        if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
+            raise InvalidInput("outputs", "a list of objects with a name", quote(json.dumps(outputs)[:200]), name)
+        requested = [o["name"] for o in outputs]
+        wanted = oip.outputs(name, spec, requested)
+        all_binary = _field(params, "binary_data_output", bool, "parameters.binary_data_output", "true or false",
+                            name, False)
+        as_binary = {n: all_binary for n in wanted}
+        for o in outputs:
+            op = _field(o, "parameters", dict, f"outputs[{o['name']!r}].parameters", "an object", name, {})
+            as_binary[o["name"]] = _field(op, "binary_data", bool, f"outputs[{o['name']!r}].parameters.binary_data",
+                                          "true or false", name, all_binary)
+        del body, head, binary, data
+        results = await core.run(name, arr, self._deadline(request, params, name), requested or None)
+        return await self._answer(req, name, wanted, as_binary, results)
+
+    def _deadline(self, request: web.BaseRequest, params: dict[str, Any], model: str) -> float | None:
+        timeout_s: float | None = None
+        t_us = _field(params, "timeout", (int, float), "parameters.timeout", "microseconds, a number > 0", model)
+        if t_us is not None:
+            timeout_s = float(t_us) * 1e-6
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is not None:
+            try:
+                timeout_s = float(raw) * 1e-3
+            except ValueError:
+                timeout_s = -1.0
+            if not (math.isfinite(timeout_s) and timeout_s > 0):
+                raise InvalidInput(TIMEOUT_HEADER, "milliseconds, a number > 0", quote(repr(raw)), model)
+        if timeout_s is None:
+            return None
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise InvalidInput("parameters.timeout", "microseconds, a number > 0", repr(t_us), model)
+        return asyncio.get_running_loop().time() + timeout_s
+
+    async def _answer(self, req: dict[str, Any], model: str, wanted: list[str], as_binary: dict[str, bool],
+                      results: dict[str, np.ndarray]) -> web.Response:
+        out_meta: list[dict[str, Any]] = []
+        blobs: list[bytes] = []
+        json_floats = 0
+        for n in wanted:
+            a = np.ascontiguousarray(results[n], dtype=F32)
+            meta: dict[str, Any] = {"name": n, "datatype": FP32, "shape": list(a.shape)}
+            if as_binary[n]:
+                blob = a.tobytes()
+                meta["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                meta["data"] = a
+                json_floats += a.size
+            out_meta.append(meta)
+        resp: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
+        if isinstance(req.get("id"), str) and req["id"]:
+            resp["id"] = req["id"]
+        resp["outputs"] = out_meta
+        if json_floats * 4 > JSON_INLINE_BYTES:
+            head = await asyncio.get_running_loop().run_in_executor(self._json.executor(), encode_response, resp)
+        else:
+            head = encode_response(resp)
+        size = len(head) + sum(len(b) for b in blobs)
+        if size > self.max_body:
+            raise ResponseTooLarge(f"response: {size:,} bytes, over --max-message-bytes {self.max_body:,}; ask for "
+                                   f"fewer rows" + (", or binary outputs" if json_floats else ""))
+        if not blobs:
+            return web.Response(body=head, content_type=JSON_TYPE)
+        return web.Response(body=b"".join((head, *blobs)), content_type=BINARY_TYPE,
+                            headers={HEADER_LENGTH: str(len(head))})
+

@@ -1,0 +1,92 @@
+"""JSON of the Open Inference Protocol's REST API, as pure functions of bytes and arrays.
+
+`serving.http` calls them inline for small bodies and in a worker process (`JsonPool`) for large ones:
+json and numpy's list conversion hold the GIL for the whole of a 15 MB body (about half a second
+here), which a thread would not spare the event loop. This module imports nothing heavy (the worker
+process is spawned and imports only what it needs); problems come back as `Problem` values, which the
+caller raises as InvalidInput, so the messages are the same wherever the work ran.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+F32 = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A field that is not as required: what InvalidInput(field, expected, got) will say."""
+
+    field: str
+    expected: str
+    got: str
+
+
+def parse_request(head: bytes, binary: bool) -> dict[str, Any] | Problem:
+    """The JSON request; each input's `data` (when present and a list) replaced by float32 bytes under
+    "_data", or by a Problem under "_problem"."""
+    try:
+        req = json.loads(head)
+    except UnicodeDecodeError:
+        return Problem("body", "a JSON inference request", "bytes that are not UTF-8")
+    except json.JSONDecodeError as e:
+        where = " in the bytes before the binary tensors (Inference-Header-Content-Length)" if binary else ""
+        return Problem("body", "a JSON inference request" + where, f"text that does not parse ({e})")
+    if not isinstance(req, dict):
+        return Problem("body", "a JSON object", type(req).__name__)
+    inputs = req.get("inputs")
+    if isinstance(inputs, list):
+        for t in inputs:
+            if isinstance(t, dict) and isinstance(t.get("data"), list):
+                values = t.pop("data")
+                where = f"inputs[{str(t.get('name'))!r}].data"
+                out = float32_bytes(values, where)
+                t["_problem" if isinstance(out, Problem) else "_data"] = out
+    return req
+
+
+def float32_bytes(values: list[Any], where: str) -> bytes | Problem:
+    """A JSON tensor's values (flat or evenly nested, row-major) as float32 bytes; numbers only."""
+    try:
+        a = np.asarray(values)
+    except ValueError:
+        return Problem(where, "a flat or evenly nested list of numbers", "a ragged list")
+    kind = a.dtype.kind
+    if kind not in "fiu":
+        got = {"b": "true/false values", "U": "strings", "S": "strings", "O": "a ragged list or mixed values"}
+        return Problem(where, "numbers", got.get(kind, f"{a.dtype.name} values"))
+    if kind != "f" and a.size and not (np.abs(a) < 2**53).all():  # ints beyond float64: would lose value
+        return Problem(where, "numbers a float32 can hold", "integers too large")
+    return a.astype(F32, copy=False).tobytes()
+
+
+def encode_response(resp: dict[str, Any]) -> bytes:
+    """The JSON of a response whose outputs' `data` are float32 arrays (written flat, row-major)."""
+    for meta in resp["outputs"]:
+        if isinstance(meta.get("data"), np.ndarray):
+            meta["data"] = meta["data"].ravel().tolist()
+    return json.dumps(resp, separators=(",", ":")).encode()
+
+
+class JsonPool:
+    """One spawned worker process for large JSON bodies and answers, started on first use."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    def executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
