@@ -37,7 +37,7 @@ import grpc
 from loadgen.report import format_table
 from loadgen.requests import model_shapes
 from loadgen.run import run_bench
-from loadgen.spec import MAX_DURATION_S, RPCS, BenchError, BenchSpec, check_loopback
+from loadgen.spec import ALL_RPCS, HTTP_RPCS, MAX_DURATION_S, BenchError, BenchSpec, check_loopback
 from serving.loop import loop_factory
 
 
@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--target", help="HOST:PORT of a loopback server (or use --ready-file)")
     p.add_argument("--ready-file", type=Path,
-                   help="server's ready file {grpc_port, metrics_port, pid}: gives target, PID and metrics port")
+                   help="server's ready file {grpc_port, http_port, metrics_port, pid}: gives target (the HTTP "
+                        "port for http-* RPCs), PID and metrics port")
     p.add_argument("--server-pid", type=int, help="local server PID for CPU and memory (default: ready file's)")
-    p.add_argument("--rpc", default="encode", choices=sorted(RPCS), help="RPC to load")
+    p.add_argument("--rpc", default="encode", choices=sorted(ALL_RPCS),
+                   help="RPC to load; http-*: the Open Inference Protocol over REST (binary or JSON tensors)")
     p.add_argument("--rows", type=int, default=1, help="rows per request B (Sample: count)")
     p.add_argument("--concurrency", "-c", type=int, default=1, help="closed loop: requests in flight")
     p.add_argument("--rate", type=float, help="open loop: offered requests/s (instead of --concurrency)")
@@ -71,10 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        target, pid, metrics_port = args.target, args.server_pid, None
+        target, pid, metrics_port, grpc_target = args.target, args.server_pid, None, None
+        http = args.rpc in HTTP_RPCS
         if args.ready_file is not None:
             info = json.loads(args.ready_file.read_text())
-            target = target or f"127.0.0.1:{info['grpc_port']}"
+            grpc_target = f"127.0.0.1:{info['grpc_port']}" if info.get("grpc_port", -1) > 0 else None
+            port = info.get("http_port", info.get("metrics_port", -1)) if http else info["grpc_port"]
+            target = target or f"127.0.0.1:{port}"
             pid = pid if pid is not None else int(info["pid"])
             metrics_port = int(info.get("metrics_port", -1))
         if target is None:
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if pid is not None and not Path(f"/proc/{pid}/stat").exists():
             raise BenchError(f"server-pid: no local process {pid}")
         check_loopback(target)
-        shapes = model_shapes(target, args.timeout_s)
+        shape_target = grpc_target if http else target
+        shapes = model_shapes(shape_target, args.timeout_s) if shape_target else None
         example_shape, latent_dim = shapes or (tuple(args.example_shape), args.latent_dim)
         spec = BenchSpec(target=target, rpc=args.rpc, rows=args.rows, concurrency=args.concurrency,
                          rate=args.rate, duration_s=args.duration_s, warmup_s=args.warmup_s,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
 import numpy as np
 
-from loadgen.spec import RPCS, VAE, BenchError
+from loadgen.spec import HTTP_RPCS, RPCS, VAE, BenchError
 from serving._proto.inference import grpc_service_pb2 as oip_pb
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving.tensors import F32, to_tensor
@@ -56,4 +57,27 @@ def build_requests(rpc: str, rows: int, example_shape: tuple[int, ...], latent_d
         else:
             raise BenchError(f"rpc: expected one of {sorted(RPCS)}, got {rpc!r}")
         reqs.append(msg.SerializeToString())
+    return reqs
+
+
+def build_http_requests(rpc: str, rows: int, example_shape: tuple[int, ...], latent_dim: int,
+                        distinct: int = 16, seed: int = 0) -> list[tuple[bytes, dict[str, str]]]:
+    """`distinct` (body, headers) of POST /v2/models/{model}/infer, `rows` rows each: binary tensors in and
+    out (`Inference-Header-Content-Length`), or JSON both ways."""
+    model, binary = HTTP_RPCS[rpc]
+    rng = np.random.default_rng(seed)
+    name, tail = ("x", example_shape) if model == "encoder" else ("z", (latent_dim,))
+    reqs: list[tuple[bytes, dict[str, str]]] = []
+    for _ in range(distinct):
+        a = (rng.random((rows, *tail), dtype=np.float32) if model == "encoder"
+             else rng.standard_normal((rows, *tail), dtype=np.float32))
+        t: dict[str, Any] = {"name": name, "shape": list(a.shape), "datatype": "FP32"}
+        if binary:
+            t["parameters"] = {"binary_data_size": a.nbytes}
+            head = json.dumps({"inputs": [t], "parameters": {"binary_data_output": True}}).encode()
+            reqs.append((head + a.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
+                                              "Content-Type": "application/octet-stream"}))
+        else:
+            t["data"] = a.ravel().tolist()
+            reqs.append((json.dumps({"inputs": [t]}).encode(), {"Content-Type": "application/json"}))
     return reqs

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import numpy as np
 
@@ -26,11 +27,19 @@ from loadgen.procstat import (
     proc_runqueue_wait_s,
     scrape_counters,
 )
-from loadgen.requests import build_requests
+from loadgen.requests import build_http_requests, build_requests
 from loadgen.spec import RPCS, BenchSpec
 
 BOTTLENECK_CORES = 0.85  # generator event-loop thread this busy (of one core) => it is the limit
-Call = Callable[..., Awaitable[bytes]]
+Call = Callable[..., Awaitable[Any]]
+
+
+class CallFailed(Exception):
+    """An HTTP answer other than 200, or a transport failure: `code` is what the result counts."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 @dataclass
@@ -49,7 +58,7 @@ class _State:
     stuck: int = 0            # started in the window, took longer than the window (or never answered)
 
 
-async def _one(call: Call, req: bytes, t0: int, timeout_s: float, st: _State) -> None:
+async def _one(call: Call, req: Any, t0: int, timeout_s: float, st: _State) -> None:
     """Send one request; record its latency (from t0) and status if it completes inside the window."""
     code = "OK"
     st.inflight += 1
@@ -57,6 +66,8 @@ async def _one(call: Call, req: bytes, t0: int, timeout_s: float, st: _State) ->
         await call(req, timeout=timeout_s)
     except grpc.aio.AioRpcError as e:
         code = e.code().name
+    except CallFailed as e:
+        code = e.code
     except asyncio.CancelledError:
         raise
     finally:
@@ -72,7 +83,7 @@ async def _one(call: Call, req: bytes, t0: int, timeout_s: float, st: _State) ->
             st.stuck += 1
 
 
-async def _closed_worker(call: Call, reqs: list[bytes], offset: int, timeout_s: float, st: _State) -> None:
+async def _closed_worker(call: Call, reqs: list[Any], offset: int, timeout_s: float, st: _State) -> None:
     i, n = offset, len(reqs)
     while not st.stop and st.sent < st.max_requests:
         st.sent += 1
@@ -80,7 +91,7 @@ async def _closed_worker(call: Call, reqs: list[bytes], offset: int, timeout_s: 
         i += 1
 
 
-async def _open_scheduler(call: Call, reqs: list[bytes], rate: float, max_inflight: int, timeout_s: float,
+async def _open_scheduler(call: Call, reqs: list[Any], rate: float, max_inflight: int, timeout_s: float,
                           st: _State) -> set[asyncio.Task[None]]:
     interval = 1e9 / rate
     tasks: set[asyncio.Task[None]] = set()
@@ -106,12 +117,21 @@ async def _open_scheduler(call: Call, reqs: list[bytes], rate: float, max_inflig
 
 async def run_bench(spec: BenchSpec, latencies_out: Path | None = None) -> dict[str, Any]:
     """Run one benchmark on the running event loop; the result dict (what the JSON line holds)."""
-    reqs = build_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct)
-    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20),
-               ("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
-    channels = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(spec.channels)]
-    calls: list[Call] = [ch.unary_unary(RPCS[spec.rpc][0], request_serializer=None,  # identity: bytes
-                                        response_deserializer=None) for ch in channels]
+    reqs: list[Any]
+    channels: list[grpc.aio.Channel] = []
+    session: aiohttp.ClientSession | None = None
+    if spec.http:
+        reqs = build_http_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct)
+        # HTTP/1.1: one request in flight per connection, so up to C keep-alive connections.
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+        calls: list[Call] = [_http_call(session, f"http://{spec.target}/v2/models/{spec.model}/infer")]
+    else:
+        reqs = build_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct)
+        options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20),
+                   ("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
+        channels = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(spec.channels)]
+        calls = [ch.unary_unary(RPCS[spec.rpc][0], request_serializer=None,  # identity: bytes
+                                response_deserializer=None) for ch in channels]
     st = _State(t_start=2**63 - 1, t_end=2**63 - 1, max_requests=spec.max_requests)
     try:
         for ch in channels:
@@ -144,10 +164,30 @@ async def run_bench(spec: BenchSpec, latencies_out: Path | None = None) -> dict[
     finally:
         for ch in channels:
             await ch.close()
+        if session is not None:
+            await session.close()
     lat = np.asarray(st.lat_ns, dtype=np.float64) * 1e-6  # ms
     if latencies_out is not None:
         np.save(latencies_out, lat)
     return _result(spec, st, lat, window_ns * 1e-9, before, after)
+
+
+def _http_call(session: aiohttp.ClientSession, url: str) -> Call:
+    async def call(req: tuple[bytes, dict[str, str]], timeout: float) -> bytes:
+        body, headers = req
+        try:
+            async with session.post(url, data=body, headers=headers,
+                                    timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                data = await r.read()
+                if r.status != 200:
+                    raise CallFailed(f"HTTP_{r.status}")
+                return data
+        except TimeoutError:
+            raise CallFailed("TIMEOUT") from None
+        except aiohttp.ClientError as e:
+            raise CallFailed(type(e).__name__) from None
+
+    return call
 
 
 async def _sleep_until(t_ns: int, workers: list[asyncio.Future[Any]]) -> None:
@@ -210,7 +250,7 @@ def _result(spec: BenchSpec, st: _State, lat: np.ndarray, window_s: float, befor
                          **proc_memory_mb(spec.server_pid)}
     c0, c1 = before.get("counters"), after.get("counters")
     if c0 and c1:
-        model = RPCS[spec.rpc][1]
+        model = spec.model
         key_b, key_r = (f'vae_batches_total{{model="{model}"}}', f'vae_rows_total{{model="{model}"}}')
         batches, rows = c1.get(key_b, 0) - c0.get(key_b, 0), c1.get(key_r, 0) - c0.get(key_r, 0)
         res["server_batches"] = {"model": model, "runs": batches, "rows": rows,

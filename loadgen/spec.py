@@ -18,6 +18,13 @@ RPCS: dict[str, tuple[str, str]] = {
     "infer-encoder": (OIP_INFER, "encoder"),
     "infer-decoder": (OIP_INFER, "decoder"),
 }
+# --rpc name -> (model, binary tensors?): the Open Inference Protocol over HTTP/REST, POST
+# /v2/models/{model}/infer (binary: the binary tensor extension, every output binary; else JSON).
+HTTP_RPCS: dict[str, tuple[str, bool]] = {
+    "http-encoder": ("encoder", True), "http-decoder": ("decoder", True),
+    "http-json-encoder": ("encoder", False), "http-json-decoder": ("decoder", False),
+}
+ALL_RPCS: tuple[str, ...] = (*RPCS, *HTTP_RPCS)
 MAX_DURATION_S = 600.0
 MAX_WARMUP_S = 60.0
 
@@ -66,7 +73,7 @@ class BenchSpec:
 
     def __post_init__(self) -> None:
         checks = [
-            ("rpc", self.rpc in RPCS, f"one of {sorted(RPCS)}"),
+            ("rpc", self.rpc in ALL_RPCS, f"one of {sorted(ALL_RPCS)}"),
             ("rows", self.rows >= 1, "an integer >= 1"),
             ("concurrency", self.concurrency >= 1, "an integer >= 1"),
             ("rate", self.rate is None or self.rate > 0, "a number > 0 (requests/s)"),
@@ -80,3 +87,12 @@ class BenchSpec:
             if not ok:
                 raise BenchError(f"{name.replace('_', '-')}: expected {expected}, got {getattr(self, name)!r}")
         check_loopback(self.target)
+
+    @property
+    def http(self) -> bool:
+        return self.rpc in HTTP_RPCS
+
+    @property
+    def model(self) -> str:
+        """The model the rows go through."""
+        return HTTP_RPCS[self.rpc][0] if self.http else RPCS[self.rpc][1]

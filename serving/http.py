@@ -26,7 +26,8 @@ comes back the same way after the JSON response, which then carries `binary_data
 
 Deadlines: the request's `parameters.timeout` (microseconds, as tritonclient sends it) or the header
 `Timeout-Ms`; a request still queued when it passes gets 504. JSON bodies over `JSON_INLINE_BYTES` are
-parsed (and large JSON answers encoded) on a worker thread so one big body does not hold up the loop.
+parsed (and answers of over `JSON_INLINE_FLOATS` values written) in a worker process
+(`serving.jsoncodec`), so one big body does not hold up the loop.
 A client gets --http-read-timeout-s to send a request's head (aiohttp's keep-alive timer, which also
 closes idle connections) and the same again for its body.
 """
@@ -43,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -62,8 +64,10 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 TIMEOUT_HEADER = "Timeout-Ms"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
-# JSON bodies (and answers) larger than this are parsed (encoded) on a worker thread.
-JSON_INLINE_BYTES = 64 * 1024
+# JSON bodies larger than this are parsed in the worker process (a few ms inline at most), and answers
+# of more float32 values than JSON_INLINE_FLOATS are written there.
+JSON_INLINE_BYTES = 256 * 1024
+JSON_INLINE_FLOATS = 256 * 1024
 # A JSON body's memory: its bytes, the Python floats it parses to (32 bytes for each ~10 characters) and
 # the float32 array; reserved on the bytes-in-flight budget as this many times the body.
 JSON_REQUEST_COPIES = 6
@@ -85,7 +89,7 @@ class HttpError(Exception):
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=json.dumps(obj, separators=(",", ":")).encode(), status=status,
+    return web.Response(body=orjson.dumps(obj), status=status,
                         content_type=JSON_TYPE, headers=headers)
 
 
@@ -129,8 +133,8 @@ class HttpServer:
         m = metrics.method_metrics
         self._mm = {name: m("http/" + name) for name in (
             "ServerMetadata", "ServerLive", "ServerReady", "ModelMetadata", "ModelReady", "ModelInfer")}
-        self._server_metadata = json.dumps(self.oip.server_metadata).encode()
-        self._model_metadata = {n: json.dumps(v).encode() for n, v in self.oip.metadata.items()}
+        self._server_metadata = orjson.dumps(self.oip.server_metadata)
+        self._model_metadata = {n: orjson.dumps(v) for n, v in self.oip.metadata.items()}
 
     async def start(self) -> int:
         """Bind and listen; the port bound (for port 0)."""
@@ -424,7 +428,7 @@ class HttpServer:
         if isinstance(req.get("id"), str) and req["id"]:
             resp["id"] = req["id"]
         resp["outputs"] = out_meta
-        if json_floats * 4 > JSON_INLINE_BYTES:
+        if json_floats > JSON_INLINE_FLOATS:
             head = await asyncio.get_running_loop().run_in_executor(self._json.executor(), encode_response, resp)
         else:
             head = encode_response(resp)

@@ -1,21 +1,23 @@
 """JSON of the Open Inference Protocol's REST API, as pure functions of bytes and arrays.
 
-`serving.http` calls them inline for small bodies and in a worker process (`JsonPool`) for large ones:
-json and numpy's list conversion hold the GIL for the whole of a 15 MB body (about half a second
-here), which a thread would not spare the event loop. This module imports nothing heavy (the worker
+JSON is orjson's (about 10x faster than the standard library at writing float arrays, 2x at reading;
+float32 values are written in their shortest form, which reads back to the same float32).
+`serving.http` calls these inline for small bodies and in a worker process (`JsonPool`) for large
+ones: parsing and numpy's list conversion hold the GIL for the whole of a 15 MB body (a few hundred
+ms here), which a thread would not spare the event loop. This module imports nothing heavy (the worker
 process is spawned and imports only what it needs); problems come back as `Problem` values, which the
 caller raises as InvalidInput, so the messages are the same wherever the work ran.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 F32 = np.dtype("<f4")
 
@@ -33,10 +35,10 @@ def parse_request(head: bytes, binary: bool) -> dict[str, Any] | Problem:
     """The JSON request; each input's `data` (when present and a list) replaced by float32 bytes under
     "_data", or by a Problem under "_problem"."""
     try:
-        req = json.loads(head)
-    except UnicodeDecodeError:
-        return Problem("body", "a JSON inference request", "bytes that are not UTF-8")
-    except json.JSONDecodeError as e:
+        req = orjson.loads(head)
+    except orjson.JSONDecodeError as e:
+        if "UTF-8" in str(e):
+            return Problem("body", "a JSON inference request", "bytes that are not UTF-8")
         where = " in the bytes before the binary tensors (Inference-Header-Content-Length)" if binary else ""
         return Problem("body", "a JSON inference request" + where, f"text that does not parse ({e})")
     if not isinstance(req, dict):
@@ -68,11 +70,12 @@ def float32_bytes(values: list[Any], where: str) -> bytes | Problem:
 
 
 def encode_response(resp: dict[str, Any]) -> bytes:
-    """The JSON of a response whose outputs' `data` are float32 arrays (written flat, row-major)."""
+    """The JSON of a response whose outputs' `data` are float32 arrays (written flat, row-major, as
+    Triton does)."""
     for meta in resp["outputs"]:
         if isinstance(meta.get("data"), np.ndarray):
-            meta["data"] = meta["data"].ravel().tolist()
-    return json.dumps(resp, separators=(",", ":")).encode()
+            meta["data"] = np.ascontiguousarray(meta["data"], dtype=F32).ravel()
+    return orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class JsonPool:
