@@ -314,6 +314,10 @@ def render(res: dict[str, Any]) -> None:
     out += ["", ("The in-process ceiling is the median over the encoder's batch sizes 32-512 (its plateau), per "
                 "CPU-second of the process, compared with the server's rows per CPU-second (per wall-clock "
                 "second beside it)."), ""]
+    if "http" in res:  # issue 16: the same HTTP client against Triton and MLServer, same run
+        from benchmarks.references.http_bench import markdown as http_markdown
+
+        out += [http_markdown(res["http"])]
     if "references" in res:  # issue 13: the same client against Triton and a naive server, same run
         from benchmarks.references.bench import markdown as references_markdown
 

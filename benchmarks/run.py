@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +318,23 @@ def machine() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+def http_references(model_dir: Path, duration_s: float) -> dict[str, Any]:
+    from benchmarks.references.http_bench import run as http_run
+
+    return http_run(model_dir, 2, duration_s)
+
+
+def references_step(model_dir: Path, duration_s: float) -> dict[str, Any]:
+    from benchmarks.references.bench import run as references
+
+    return references(model_dir, 2, duration_s)
+
+
+# Steps `--only` can re-run alone: name -> (export, duration_s) -> the results entry of that name.
+PARTIAL_STEPS: dict[str, Callable[[Path, float], dict[str, Any]]] = {
+    "references": references_step, "http": http_references}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="run every benchmark; write results, plots and BENCHMARKS.md",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -329,11 +347,21 @@ def main() -> None:
     p.add_argument("--py-spy", default=shutil.which("py-spy") or (str(venv_spy) if venv_spy.is_file() else ""),
                    help="py-spy binary ('' = no profile)")
     p.add_argument("--render-only", action="store_true", help="only rebuild BENCHMARKS.md and plots")
+    p.add_argument("--only", choices=sorted(PARTIAL_STEPS),
+                   help="run this one step on the existing export and results (merged into serving.json, "
+                        "BENCHMARKS.md re-rendered): a partial re-run, not a substitute for the whole")
     args = p.parse_args()
     from benchmarks.report import render
 
     if args.render_only:
         render(json.loads((RESULTS / "serving.json").read_text()))
+        return
+    if args.only:
+        res = json.loads((RESULTS / "serving.json").read_text())
+        WORK.mkdir(parents=True, exist_ok=True)
+        res[args.only] = PARTIAL_STEPS[args.only](prepare_model(True), args.duration_s)
+        (RESULTS / "serving.json").write_text(json.dumps(res, indent=1) + "\n")
+        render(res)
         return
     WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -354,6 +382,8 @@ def main() -> None:
     from benchmarks.references.bench import run as references
 
     res["references"] = references(model_dir, 2, args.duration_s)
+    log("HTTP/REST: vae-serve, Triton and MLServer, binary and JSON, same client, taking turns")
+    res["http"] = http_references(model_dir, args.duration_s)
     log("Encode C=1, batching vs --max-batch-size 1, alternating")
     res["c1_alternating"] = c1_alternating(model_dir)
     log("diagnostics: --max-queue-delay-us sweep")

@@ -1,0 +1,153 @@
+"""`make bench` step: the Open Inference Protocol over HTTP/REST, vae-serve against Triton's HTTP endpoint and
+Seldon MLServer's, same client, same run (issue 16).
+
+    python -m benchmarks.references.http_bench --model-dir runs/bench/exported [--rounds 2] [--duration-s 4]
+
+Each system serves the same export pinned to CPU 0; `python -m loadgen --rpc http-*` (aiohttp client,
+keep-alive connections, POST /v2/models/{model}/infer) runs pinned to CPU 1. Binary: the binary tensor
+extension both ways (`Inference-Header-Content-Length`, every output binary); JSON: JSON tensors both
+ways. MLServer 1.7 does not implement the binary extension (it answers 422), so its binary cells are
+"unsupported" and the binary target compares against its JSON, the only HTTP it serves. Systems take
+turns each round (the order rotates); medians of rounds. Server CPU is CPU 0's busy time per request.
+Triton runs from `.venv-triton`, MLServer from `.venv-mlserver` (scripts/ensure_triton_venv.sh,
+scripts/ensure_mlserver_venv.sh); a system whose venv could not be made is reported as missing, never estimated. Prints one JSON
+document (the last line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.references.bench import TRITON_PY, cpu0_us_per_request
+from benchmarks.run import REPO, WORK, Server, bench, log, serving_cmd
+
+MLSERVER_PY = REPO / ".venv-mlserver" / "bin" / "python"
+# (rpc, concurrency, rows per request)
+SCENARIOS: list[tuple[str, int, int]] = [
+    ("http-encoder", 64, 1), ("http-decoder", 64, 1), ("http-encoder", 8, 64), ("http-decoder", 8, 64),
+    ("http-encoder", 1, 1),
+    ("http-json-encoder", 64, 1), ("http-json-decoder", 64, 1), ("http-json-decoder", 8, 64),
+    ("http-json-encoder", 1, 1)]
+NO_BINARY = {"mlserver"}  # systems without the binary tensor extension
+
+
+def systems(model_dir: Path) -> dict[str, list[str]]:
+    cmds = {"vae-serve": serving_cmd(model_dir, [])}
+    if TRITON_PY.is_file():
+        cmds["triton"] = [str(TRITON_PY), str(REPO / "benchmarks" / "references" / "triton.py"),
+                          "--model-dir", str(model_dir), "--workdir", str(WORK / "triton")]
+    if MLSERVER_PY.is_file():
+        cmds["mlserver"] = [str(MLSERVER_PY), str(REPO / "benchmarks" / "references" / "mlserver.py"),
+                            "--model-dir", str(model_dir), "--workdir", str(WORK / "mlserver")]
+    return cmds
+
+
+def key_of(rpc: str, c: int, b: int) -> str:
+    return f"{rpc.removeprefix('http-')}/c{c}/b{b}"
+
+
+def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
+    cmds = systems(model_dir)
+    names = list(cmds)
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in names}
+    for rnd in range(rounds):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for name in order:
+            s = Server(cmds[name], f"http-{name}")
+            try:
+                for rpc, c, b in SCENARIOS:
+                    if name in NO_BINARY and "json" not in rpc:
+                        continue
+                    r = bench(s.ready_path, rpc, c, b, duration_s)
+                    r["cpu0_us_per_request"] = cpu0_us_per_request(r)
+                    raw[name].setdefault(key_of(rpc, c, b), []).append(r)
+                    log(f"http round {rnd + 1}/{rounds} {name:9s} {rpc} C={c} B={b}: "
+                        f"{r['requests_per_s']:,.0f} req/s, {r['rows_per_s']:,.0f} rows/s, p50 "
+                        f"{r['latency_ms']['p50']:.2f} ms, errors {r['errors'] or 'none'}")
+            finally:
+                s.stop()
+    summary: dict[str, dict[str, dict[str, float | None]]] = {}
+    for name, by in raw.items():
+        for key, runs in by.items():
+            def med(f: Any, runs: list[dict[str, Any]] = runs) -> float | None:
+                vals = [v for v in (f(r) for r in runs) if v is not None]
+                return statistics.median(vals) if vals else None
+            summary.setdefault(name, {})[key] = {
+                "requests_per_s": med(lambda r: r["requests_per_s"]), "rows_per_s": med(lambda r: r["rows_per_s"]),
+                "p50_ms": med(lambda r: r["latency_ms"]["p50"]), "p99_ms": med(lambda r: r["latency_ms"]["p99"]),
+                "cpu0_us_per_request": med(lambda r: r["cpu0_us_per_request"]),
+                "generator_cores": med(lambda r: r["generator"]["cpu_cores"]),
+                "errors": sum(sum(r["errors"].values()) for r in runs)}
+    return {"systems": names, "missing": [n for n in ("triton", "mlserver") if n not in cmds], "rounds": rounds,
+            "duration_s": duration_s, "scenarios": [key_of(*sc) for sc in SCENARIOS], "summary": summary,
+            "commands": {n: " ".join(c) for n, c in cmds.items()}, "runs": raw}
+
+
+def targets(ref: dict[str, Any]) -> list[tuple[str, float | None, float, bool | None]]:
+    """Issue 16's target: binary HTTP requests/s at C=64 >= MLServer's (its JSON) and >= 0.8x Triton's."""
+    s = ref["summary"]
+    ours, triton, mls = s.get("vae-serve", {}), s.get("triton", {}), s.get("mlserver", {})
+    out: list[tuple[str, float | None, float, bool | None]] = []
+    for model in ("encoder", "decoder"):
+        key = f"{model}/c64/b1"
+        mine = ours.get(key, {}).get("requests_per_s")
+        for who, theirs, need in (("Triton binary", triton.get(key, {}), 0.8),
+                                  ("MLServer JSON (it has no binary)", mls.get(f"json-{key}", {}), 1.0)):
+            other = theirs.get("requests_per_s")
+            r = mine / other if mine and other else None
+            out.append((f"{model} C=64 B=1 binary req/s: vae-serve / {who}", r, need, None if r is None else r >= need))
+    return out
+
+
+def markdown(ref: dict[str, Any]) -> str:
+    s, names = ref["summary"], ref["systems"]
+    lines = ["## HTTP/REST against Triton and MLServer (same client, same run)", "",
+             "Open Inference Protocol `POST /v2/models/{model}/infer` from `python -m loadgen --rpc http-*` (aiohttp, "
+             "keep-alive) on CPU 1 to each server on CPU 0; binary = the binary tensor extension both ways, json = "
+             f"JSON tensors both ways. {ref['rounds']} rounds of {ref['duration_s']:g} s per scenario, systems taking "
+             "turns, medians. Server CPU is CPU 0's busy time per request. MLServer has no binary extension "
+             "(it answers 422): its binary cells are empty. Commands: "
+             + "; ".join(f"`{n}`: `{c}`" for n, c in ref["commands"].items()) + ".", ""]
+    if ref["missing"]:
+        lines += [(f"**Not measured in this run:** {', '.join(ref['missing'])} (venv missing: "
+                   "`scripts/ensure_triton_venv.sh`, `scripts/ensure_mlserver_venv.sh`)."), ""]
+    head = "| scenario | " + " | ".join(f"{n} req/s | {n} rows/s | {n} p50 ms | {n} us CPU/req" for n in names) + " |"
+    lines += [head, "|" + " --- |" * (1 + 4 * len(names))]
+    for key in ref["scenarios"]:
+        cells = []
+        for n in names:
+            v = s.get(n, {}).get(key)
+            if v is None:
+                cells += ["-"] * 4
+                continue
+            cells += [f"{v.get('requests_per_s') or 0:,.0f}", f"{v.get('rows_per_s') or 0:,.0f}",
+                      f"{v.get('p50_ms') or 0:.2f}", f"{v.get('cpu0_us_per_request') or 0:,.0f}"]
+        label = key.replace("/", " ") if key.startswith("json") else "binary " + key.replace("/", " ")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| issue 16 target | measured | required | met |", "| --- | --- | --- | --- |"]
+    for what, r, need, ok in targets(ref):
+        lines.append(f"| {what} | {'-' if r is None else f'{r:.2f}x'} | {need:g}x | "
+                     f"{'not measured' if ok is None else ('yes' if ok else '**no**')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.references.http_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--duration-s", type=float, default=4.0)
+    args = p.parse_args(argv)
+    WORK.mkdir(parents=True, exist_ok=True)
+    ref = run(args.model_dir, args.rounds, args.duration_s)
+    sys.stderr.write(markdown(ref))
+    print(json.dumps({k: v for k, v in ref.items() if k != "runs"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
