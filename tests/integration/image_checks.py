@@ -232,6 +232,23 @@ def test_oip_model_infer_through_tritonclient_answers_as_onnx_runtime(container:
         client.close()
 
 
+def test_rest_infer_through_the_published_http_port_matches_onnx_runtime(container: Container,
+                                                                         ref: Reference) -> None:
+    import tritonclient.http as th
+
+    x = ref.x(2, seed=1)
+    client = th.InferenceServerClient(f"127.0.0.1:{container.metrics_port}")
+    try:
+        assert client.is_server_ready()
+        for binary in (True, False):
+            inp = th.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            result = client.infer("encoder", [inp], outputs=[th.InferRequestedOutput("mu", binary_data=binary)])
+            np.testing.assert_allclose(result.as_numpy("mu"), ref.run("encoder", x=x)["mu"], rtol=1e-5, atol=1e-6)
+    finally:
+        client.close()
+
+
 def test_metrics_scrape_through_the_published_port(container: Container) -> None:
     with VaeClient(container.target) as c:
         c.info()

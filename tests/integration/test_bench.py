@@ -28,7 +28,9 @@ def result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("rpc", "rows", "model"), [("encode", 1, "encoder"), ("sample", 4, "decoder"),
                                                     ("reconstruct", 2, "encoder"), ("decode", 3, "decoder"),
-                                                    ("infer-encoder", 2, "encoder")])
+                                                    ("infer-encoder", 2, "encoder"), ("http-encoder", 2, "encoder"),
+                                                    ("http-decoder", 1, "decoder"), ("http-json-encoder", 3, "encoder"),
+                                                    ("http-json-decoder", 2, "decoder")])
 def test_a_short_closed_loop_run_reports_requests_cpu_memory_and_batches(
         server: ServerProcess, rpc: str, rows: int, model: str) -> None:
     ready = server.ready_path
