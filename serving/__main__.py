@@ -28,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for note in deprecated_settings(sys.argv[1:] if argv is None else argv, os.environ):
         logger.warning("%s", note)
+    from serving.workers import supervise, worker_count
+
+    if worker_count(config) > 1:
+        try:
+            return supervise(config)
+        except OSError as e:
+            logger.error("cannot start: %s", e)
+            return 1
     from serving.server import serve  # after logging is configured
 
     try:

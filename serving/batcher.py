@@ -109,8 +109,8 @@ class Batcher:
         self._closed = False
         self._gather_timer: asyncio.TimerHandle | None = None
         if metrics is not None:  # read when /metrics is scraped: no per-request cost
-            metrics.queue_rows.set_function(lambda: self._queued_rows)
-            metrics.queue_requests.set_function(lambda: len(self._queue))
+            metrics.live(metrics.queue_rows, lambda: self._queued_rows)
+            metrics.live(metrics.queue_requests, lambda: len(self._queue))
 
     @property
     def queued_rows(self) -> int:

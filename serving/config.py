@@ -45,6 +45,7 @@ class ServeConfig:
     http_read_timeout_s: float = 30.0
     providers: str = "auto"
     intra_op_threads: int = 1
+    workers: int = 1
     max_batch_size: int = 256
     max_queue_delay_us: int = 500
     max_queue_rows: int = 16384
@@ -68,6 +69,7 @@ class ServeConfig:
             ("http_read_timeout_s", self.http_read_timeout_s > 0, "a number > 0"),
             ("providers", self.providers in PROVIDER_CHOICES, f"one of {PROVIDER_CHOICES}"),
             ("intra_op_threads", self.intra_op_threads >= 0, "an integer >= 0 (0 = ONNX Runtime default)"),
+            ("workers", self.workers >= 0, "an integer >= 0 (0 = one per available CPU)"),
             ("max_batch_size", self.max_batch_size >= 1, "an integer >= 1 (rows)"),
             ("max_queue_delay_us", self.max_queue_delay_us >= 0, "an integer >= 0"),
             ("max_queue_rows", self.max_queue_rows >= self.max_batch_size,
@@ -187,6 +189,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--providers", str, "ONNX Runtime providers: auto (CUDA if it really works, else CPU), cuda, cpu",
         choices=PROVIDER_CHOICES)
     add("--intra-op-threads", int, "ONNX Runtime intra-op threads per session (0 = ORT default)")
+    add("--workers", int, "server processes on the same ports (SO_REUSEPORT), each with its own sessions and "
+                          "batchers; 0 = one per available CPU. A connection stays on one worker: clients "
+                          "spread load with several connections (see serving/workers.py)")
     add("--max-batch-size", int, "most rows in one ONNX Runtime run; larger requests are split")
     add("--max-queue-delay-us", int, "longest a queued row waits for a batch to fill once the runner is free")
     add("--max-queue-rows", int, "queued rows per model before RESOURCE_EXHAUSTED")

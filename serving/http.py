@@ -114,7 +114,7 @@ class HttpServer:
     """The HTTP port of one server: `start` binds, `close` stops taking connections, `shutdown` drains."""
 
     def __init__(self, core: VaeCore, metrics: Metrics, registry: CollectorRegistry, config: ServeConfig,
-                 budget: InflightBudget, ssl_context: ssl.SSLContext | None = None) -> None:
+                 budget: InflightBudget, ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
         self.core = core
         self.oip = OipModels(core)
         self.metrics = metrics
@@ -122,6 +122,7 @@ class HttpServer:
         self.config = config
         self.budget = budget
         self.ssl_context = ssl_context
+        self.reuse_port = reuse_port  # --workers: every worker listens on the port (SO_REUSEPORT)
         self.max_body = config.max_message_bytes
         self._web: web.Server | None = None
         self._json = JsonPool()
@@ -143,7 +144,8 @@ class HttpServer:
                                max_field_size=8190, max_line_size=8190)
         host = self.config.http_host or self.config.host
         self._server = await asyncio.get_running_loop().create_server(
-            self._web, host, self.config.http_port, ssl=self.ssl_context, reuse_address=True)
+            self._web, host, self.config.http_port, ssl=self.ssl_context, reuse_address=True,
+            reuse_port=self.reuse_port or None)
         return int(self._server.sockets[0].getsockname()[1])
 
     def stop_listening(self) -> None:

@@ -4,13 +4,24 @@ Each server owns a `Metrics` on its own `CollectorRegistry`, so several servers 
 (tests). Label children are resolved once and cached: the per-request cost is a few lock-protected
 increments, no label lookups. Gauges of current state (queue depth, in-flight RPCs) cost nothing per
 request: they read plain counters when /metrics is scraped (`Gauge.set_function`).
+
+Under `--workers N` (serving.workers) every worker process writes its samples to the directory in
+PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode) and `/metrics`, on any worker, is the
+whole server (`exposition_registry`: a MultiProcessCollector over every worker's files). Counters and
+histograms add up across workers; queue depth stays per worker (a `pid` label), in-flight RPCs add up.
+Gauges there cannot read a function at scrape time, so `refresh` copies the live values into them,
+which each worker does every `REFRESH_S`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from serving.workers import MULTIPROC_ENV
 
 # Request latency: 50 us .. 10 s, roughly x2 apart, so p99 can be aggregated across replicas.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -18,6 +29,12 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS: tuple[float, ...] = tuple(float(2 ** i) for i in range(11))  # 1, 2, 4, ..., 1024
 REJECTION_REASONS: tuple[str, ...] = ("queue_full", "deadline", "cancelled", "invalid")
+REFRESH_S = 0.5  # multiprocess mode: how often a worker copies its live gauges into its files
+
+
+def multiprocess() -> bool:
+    """Whether this process writes its metrics for a multiprocess exposition (set by serving.workers)."""
+    return bool(os.environ.get(MULTIPROC_ENV))
 
 
 class ModelMetrics:
@@ -32,6 +49,7 @@ class ModelMetrics:
         self.rows = m.rows.labels(model)
         self.batches = m.batches.labels(model)
         self.rejected = {r: m.rejections.labels(model, r) for r in REJECTION_REASONS}
+        self.live = m.live
 
 
 class MethodMetrics:
@@ -45,7 +63,7 @@ class MethodMetrics:
         self.inflight = 0  # RPCs of this method being handled (event loop only); read at scrape time
         self._requests = m.requests
         self._codes: dict[str, Counter] = {}
-        m.inflight.labels(method).set_function(lambda: self.inflight)
+        m.live(m.inflight.labels(method), lambda: self.inflight)
 
     def started(self) -> None:
         self.inflight += 1
@@ -66,7 +84,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None,
                  models: Iterable[str] = ("encoder", "decoder")) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess()
+        self._live: list[tuple[Gauge, Callable[[], float]]] = []
         r, ns = self.registry, "vae"
+        # multiprocess_mode: how each gauge's per-worker values combine (ignored in a single process)
         self.requests = Counter("requests_total", "RPCs answered, by method and gRPC status code",
                                 ("method", "code"), namespace=ns, registry=r)
         self.request_duration = Histogram("request_duration_seconds", "RPC latency in the server",
@@ -78,19 +99,42 @@ class Metrics:
         self.batch_size = Histogram("batch_size_rows", "rows in each ONNX Runtime run", ("model",),
                                     namespace=ns, registry=r, buckets=BATCH_BUCKETS)
         self.queue_rows = Gauge("queue_rows", "rows waiting in the queue", ("model",), namespace=ns,
-                                registry=r)
+                                registry=r, multiprocess_mode="liveall")
         self.queue_requests = Gauge("queue_requests", "requests waiting in the queue", ("model",),
-                                    namespace=ns, registry=r)
+                                    namespace=ns, registry=r, multiprocess_mode="liveall")
         self.inflight = Gauge("inflight_requests", "RPCs being handled", ("method",), namespace=ns,
-                              registry=r)
+                              registry=r, multiprocess_mode="livesum")
         self.rows = Counter("rows_total", "rows computed", ("model",), namespace=ns, registry=r)
         self.batches = Counter("batches_total", "ONNX Runtime runs", ("model",), namespace=ns, registry=r)
         self.rejections = Counter("rejections_total", "requests refused or dropped before compute",
                                   ("model", "reason"), namespace=ns, registry=r)
         self.model_info = Gauge("model_info", "the model being served (value 1)",
-                                ("name", "version", "providers"), namespace=ns, registry=r)
+                                ("name", "version", "providers"), namespace=ns, registry=r, multiprocess_mode="max")
+        self.worker_restarts = Counter("worker_restarts_total", "worker processes that died and were restarted "
+                                       "(--workers)", namespace=ns, registry=r)
         self.models = {name: ModelMetrics(self, name) for name in models}
         self._methods: dict[str, MethodMetrics] = {}
+
+    def live(self, gauge: Gauge, value: Callable[[], float]) -> None:
+        """`gauge` shows `value()`: read at scrape time, or (multiprocess mode) copied by `refresh`."""
+        if self.multiprocess:
+            self._live.append((gauge, value))
+        else:
+            gauge.set_function(value)
+
+    def refresh(self) -> None:
+        """Multiprocess mode: write the live gauges' current values (a worker calls this periodically)."""
+        for gauge, value in self._live:
+            gauge.set(value())
+
+    @property
+    def exposition_registry(self) -> CollectorRegistry:
+        """What /metrics exposes: this registry, or under --workers every worker's files together."""
+        if not self.multiprocess:
+            return self.registry
+        r = CollectorRegistry()
+        MultiProcessCollector(r)
+        return r
 
     def method_metrics(self, method: str) -> MethodMetrics:
         """The children of one RPC method (created, with its in-flight gauge, on the method's first call)."""

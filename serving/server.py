@@ -21,6 +21,7 @@ import logging
 import signal
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,7 +34,7 @@ from serving.config import ServeConfig, write_ready_file
 from serving.core import VaeCore
 from serving.errors import StartupError
 from serving.http import HttpServer
-from serving.metrics import Metrics
+from serving.metrics import REFRESH_S, Metrics
 from serving.rpc import add_service
 from serving.runtime import load_model
 
@@ -77,6 +78,7 @@ class RunningServer:
     grpc_port: int
     http_port: int
     http_server: HttpServer | None = None
+    refresher: asyncio.Task[None] | None = None
     _stopped: bool = field(default=False)
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
@@ -99,6 +101,9 @@ class RunningServer:
         else:
             await self.server.stop(grace)
         await self.core.close()
+        if self.refresher is not None:
+            self.refresher.cancel()
+            self.metrics.refresh()
         logger.info("stopped")
 
 
@@ -133,8 +138,18 @@ def _credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
-async def start(config: ServeConfig) -> RunningServer:
-    """Load, warm up and start everything; health is SERVING when this returns."""
+async def _refresh_metrics(metrics: Metrics) -> None:
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(REFRESH_S)
+
+
+async def start(config: ServeConfig, reuse_port: bool = False,
+                serving_gate: Callable[[], Awaitable[None]] | None = None) -> RunningServer:
+    """Load, warm up and start everything; health is SERVING when this returns.
+
+    Under --workers (serving.workers) each worker binds the same ports (`reuse_port`: SO_REUSEPORT)
+    and awaits `serving_gate` (the supervisor's word that every worker is warm) before SERVING."""
     t0 = time.perf_counter()
     tls = _tls_context(config)  # before the model: a bad certificate fails fast
     model = load_model(config.model_dir, config.providers, config.intra_op_threads, config.max_batch_size)
@@ -149,7 +164,7 @@ async def start(config: ServeConfig) -> RunningServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ]
         if config.max_connection_age_s > 0:
             # grpc.aio never answers a unary call whose client half-closes without sending a message
@@ -173,14 +188,18 @@ async def start(config: ServeConfig) -> RunningServer:
             raise OSError(f"port: cannot bind {address}")
         http_port = -1
         if config.http_port >= 0:
-            http_server = HttpServer(core, metrics, metrics.registry, config, budget,
-                                     tls if config.http_tls else None)
+            http_server = HttpServer(core, metrics, metrics.exposition_registry, config, budget,
+                                     tls if config.http_tls else None, reuse_port=reuse_port)
             http_port = await http_server.start()
         await server.start()
+        if serving_gate is not None:
+            await serving_gate()
         core.ready = True  # gates the OIP ServerReady/ModelReady answers; set before health says SERVING
         for name in HEALTH_NAMES:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        running = RunningServer(config, server, core, metrics, health_servicer, port, http_port, http_server)
+        refresher = asyncio.ensure_future(_refresh_metrics(metrics)) if metrics.multiprocess else None
+        running = RunningServer(config, server, core, metrics, health_servicer, port, http_port, http_server,
+                                refresher)
     except BaseException:
         # A failed start (port in use, TLS files unreadable, ...) must not leave runner threads,
         # wake-up pipes or a half-started server behind.
@@ -196,9 +215,10 @@ async def start(config: ServeConfig) -> RunningServer:
     return running
 
 
-async def serve(config: ServeConfig) -> int:
+async def serve(config: ServeConfig, reuse_port: bool = False,
+                serving_gate: Callable[[], Awaitable[None]] | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; the process exit code (0 on a clean shutdown)."""
-    running = await start(config)
+    running = await start(config, reuse_port, serving_gate)
     stop = asyncio.Event()
     received: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
