@@ -237,8 +237,8 @@ def _stream(method: MethodDescriptor, codec: StreamCodec, impl: Handler, mm: Met
         current_lease.set(lease)  # this task's own context: the core reserves the response on it
         request: Any = None
         try:
+            request = _parse(parse, data, request_type)  # first: even a refusal must carry the id
             lease.reserve(REQUEST_COPIES * len(data), "request")
-            request = _parse(parse, data, request_type)
             body = (await impl(inner(request), st.context)).SerializeToString()
             out = _checked_size(ok(request, body), max_response_bytes)
             code = "OK"
