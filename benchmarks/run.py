@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # what `make bench` runs (about 10-13 minutes on 2 CPUs)
     python -m benchmarks.run --rounds 1      # one round of the serving scenarios instead of three
     python -m benchmarks.run --render-only   # BENCHMARKS.md and plots again from the results JSON
+    python -m benchmarks.run --only stream   # just the streaming rows against Triton (results/streams.json)
 
 Steps: train and export the reference-shaped model (MLP 784-400-20, MNIST test set, 3 epochs: enough
 for serving speed); the in-process ONNX Runtime ceiling; start-to-SERVING time and idle PSS (5 starts);
@@ -329,11 +330,21 @@ def main() -> None:
     p.add_argument("--py-spy", default=shutil.which("py-spy") or (str(venv_spy) if venv_spy.is_file() else ""),
                    help="py-spy binary ('' = no profile)")
     p.add_argument("--render-only", action="store_true", help="only rebuild BENCHMARKS.md and plots")
+    p.add_argument("--only", choices=("stream",), help="run one step alone and print its table (results/<step>s.json)")
     args = p.parse_args()
     from benchmarks.report import render
 
     if args.render_only:
         render(json.loads((RESULTS / "serving.json").read_text()))
+        return
+    if args.only == "stream":
+        from benchmarks.references import streams
+
+        WORK.mkdir(parents=True, exist_ok=True)
+        res_s = streams.run(prepare_model(reuse=True), 2 if args.rounds == 3 else args.rounds, args.duration_s)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "streams.json").write_text(json.dumps(res_s | {"machine": machine()}, indent=1) + "\n")
+        print(streams.markdown(res_s))
         return
     WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -354,6 +365,10 @@ def main() -> None:
     from benchmarks.references.bench import run as references
 
     res["references"] = references(model_dir, 2, args.duration_s)
+    log("streams: ModelStreamInfer against Triton's unary and streamed requests, taking turns")
+    from benchmarks.references.streams import run as streams
+
+    res["streams"] = streams(model_dir, 2, args.duration_s)
     log("Encode C=1, batching vs --max-batch-size 1, alternating")
     res["c1_alternating"] = c1_alternating(model_dir)
     log("diagnostics: --max-queue-delay-us sweep")
