@@ -10,7 +10,9 @@ CPU 1 (`python -m loadgen`, Open Inference Protocol, raw FP32, single-row reques
   unary ModelInfer at C = 64 for context;
 - Triton with dynamic batching (the references' configuration): unary ModelInfer at C = 64;
 - Triton without dynamic batching: ModelStreamInfer, 64 streams x 1 (its python backend crashed with
-  streaming + dynamic batching, issue 15).
+  streaming + dynamic batching, issue 15);
+- the do-nothing grpc.aio stream (`python -m loadgen.null_server --stream`: read, parse the id, answer):
+  the floor under any streamed message in a grpc.aio server, 64 streams x 1.
 
 Server CPU is CPU 0's busy time per request or message (`cpu0_us_per_request`: Triton's python-backend
 stubs included). Targets: ours streamed <= 0.6 x Triton's unary per-request CPU at C = 64, and <= Triton's
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.references.bench import TRITON_PY, cpu0_us_per_request
-from benchmarks.run import REPO, WORK, Server, bench, log, serving_cmd
+from benchmarks.run import PY, REPO, WORK, Server, bench, log, serving_cmd
 
 STREAM_64 = ["--streams", "64", "--stream-inflight", "1"]
 STREAM_8X8 = ["--streams", "8", "--stream-inflight", "8"]
@@ -37,11 +39,13 @@ SCENARIOS: dict[str, list[tuple[str, str, int, list[str]]]] = {
                  + [("encoder/stream8x8", "infer-encoder", 1, STREAM_8X8), ("encoder/unary-c64", "infer-encoder", 64, [])],
     "triton": [(f"{m}/unary-c64", f"infer-{m}", 64, []) for m in ("encoder", "decoder")],
     "triton-nobatch": [(f"{m}/stream64x1", f"infer-{m}", 1, STREAM_64) for m in ("encoder", "decoder")],
+    "null-stream": [("encoder/stream64x1", "infer-encoder", 1, STREAM_64)],
 }
 
 
 def systems(model_dir: Path) -> dict[str, list[str]]:
-    cmds = {"vae-serve": serving_cmd(model_dir, [])}
+    cmds = {"vae-serve": serving_cmd(model_dir, []),
+            "null-stream": [PY, "-m", "loadgen.null_server", "--kind", "aio-uvloop", "--stream", "--stop-after-s", "600"]}
     if TRITON_PY.is_file():
         triton = [str(TRITON_PY), str(REPO / "benchmarks" / "references" / "triton.py"), "--model-dir", str(model_dir)]
         cmds["triton"] = [*triton, "--workdir", str(WORK / "triton")]
@@ -84,7 +88,7 @@ def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
 def targets(res: dict[str, Any]) -> list[tuple[str, float | None, float, bool | None]]:
     """Issue 15's targets: (what, measured ratio of CPU per message, at most, met); None where not measured."""
     s = res["summary"]
-    ours, triton, nobatch = s.get("vae-serve", {}), s.get("triton", {}), s.get("triton-nobatch", {})
+    ours, triton, nobatch, null = (s.get(n, {}) for n in ("vae-serve", "triton", "triton-nobatch", "null-stream"))
 
     def ratio(a: dict[str, Any], ka: str, b: dict[str, Any], kb: str) -> float | None:
         x, y = a.get(ka, {}).get("cpu0_us_per_request"), b.get(kb, {}).get("cpu0_us_per_request")
@@ -97,6 +101,10 @@ def targets(res: dict[str, Any]) -> list[tuple[str, float | None, float, bool | 
             r = ratio(ours, f"{m}/stream64x1", other, key)
             out.append((f"{m}: vae-serve ModelStreamInfer 64x1 CPU/msg / {what} CPU/req", r, need,
                         None if r is None else r <= need))
+    # Not a target: how far the do-nothing grpc.aio stream alone is from the first one.
+    r = ratio(null, "encoder/stream64x1", triton, "encoder/unary-c64")
+    out.append(("(floor) do-nothing grpc.aio stream 64x1 CPU/msg / Triton unary ModelInfer C=64 CPU/req", r, 0.6,
+                None if r is None else r <= 0.6))
     return out
 
 
