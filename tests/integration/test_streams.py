@@ -23,6 +23,7 @@ from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
 from serving.client import StreamError, VaeClient, in_order
 from serving.manifest import Manifest, load_manifest
 from serving.tensors import to_tensor
+from tests.conftest import run_module
 from tests.integration._server import ServerProcess, start_server
 
 
@@ -250,3 +251,19 @@ def wait_for(cond: object, timeout_s: float = 10) -> None:
     while not cond():  # type: ignore[operator]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_the_client_cli_streams_rows_and_gets_the_unary_answers(server: ServerProcess, client: VaeClient,
+                                                                manifest: Manifest, tmp_path: Path) -> None:
+    x = np.concatenate(xs(manifest, 7, seed=4))  # (7, *example_shape)
+    np.save(tmp_path / "x.npy", x)
+
+    def cli(*args: str) -> str:
+        return run_module("serving.client", "--target", server.target, *args, timeout=60).stdout
+
+    out = cli("--stream-rows", "2", "encode", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "e.npz"))
+    assert '"n": 7' in out
+    mu, _ = client.encode(x)
+    np.testing.assert_allclose(np.load(tmp_path / "e.npz")["mu"], mu, rtol=1e-5, atol=1e-6)
+    assert '"n": 7' in cli("--stream-rows", "3", "decode", "--input", str(tmp_path / "e.npz"))
+    assert '"n": 7' in cli("--stream-rows", "1", "reconstruct", "--input", str(tmp_path / "x.npy"))
