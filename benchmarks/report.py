@@ -322,6 +322,10 @@ def render(res: dict[str, Any]) -> None:
         from benchmarks.references.bench import markdown as references_markdown
 
         out += [references_markdown(res["references"])]
+    if res.get("streams"):  # issue 15: streamed messages against Triton, same run
+        from benchmarks.references.streams import markdown as streams_markdown
+
+        out += [streams_markdown(res["streams"])]
     if ANALYSIS.is_file():
         out += [ANALYSIS.read_text().strip(), ""]
     out += ["## Serving scenarios", "",

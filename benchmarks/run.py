@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # what `make bench` runs (about 10-13 minutes on 2 CPUs)
     python -m benchmarks.run --rounds 1      # one round of the serving scenarios instead of three
     python -m benchmarks.run --render-only   # BENCHMARKS.md and plots again from the results JSON
+    python -m benchmarks.run --only stream   # just the streaming rows against Triton (results/streams.json)
 
 Steps: train and export the reference-shaped model (MLP 784-400-20, MNIST test set, 3 epochs: enough
 for serving speed); the in-process ONNX Runtime ceiling; start-to-SERVING time and idle PSS (5 starts);
@@ -330,9 +331,15 @@ def references_step(model_dir: Path, duration_s: float) -> dict[str, Any]:
     return references(model_dir, 2, duration_s)
 
 
+def streams_step(model_dir: Path, duration_s: float) -> dict[str, Any]:
+    from benchmarks.references.streams import run as streams
+
+    return streams(model_dir, 2, duration_s)
+
+
 # Steps `--only` can re-run alone: name -> (export, duration_s) -> the results entry of that name.
 PARTIAL_STEPS: dict[str, Callable[[Path, float], dict[str, Any]]] = {
-    "references": references_step, "http": http_references}
+    "references": references_step, "http": http_references, "streams": streams_step}
 
 
 def main() -> None:
@@ -384,6 +391,8 @@ def main() -> None:
     res["references"] = references(model_dir, 2, args.duration_s)
     log("HTTP/REST: vae-serve, Triton and MLServer, binary and JSON, same client, taking turns")
     res["http"] = http_references(model_dir, args.duration_s)
+    log("streams: ModelStreamInfer against Triton's unary and streamed requests, taking turns")
+    res["streams"] = streams_step(model_dir, args.duration_s)
     log("Encode C=1, batching vs --max-batch-size 1, alternating")
     res["c1_alternating"] = c1_alternating(model_dir)
     log("diagnostics: --max-queue-delay-us sweep")

@@ -2,6 +2,11 @@
 
     python -m loadgen --ready-file ready.json --rpc encode --concurrency 64 --rows 1 --duration-s 5
     python -m loadgen --target 127.0.0.1:50051 --server-pid 1234 --rpc sample --rate 2000
+    python -m loadgen --ready-file ready.json --rpc infer-encoder --streams 8 --stream-inflight 8
+
+Streaming (`--streams N`): N bidirectional streams (EncodeStream, ..., or ModelStreamInfer for infer-*),
+each keeping `--stream-inflight M` messages unanswered; server CPU is then reported per message
+(loadgen/streams.py).
 
 Closed loop: `--concurrency C` requests always in flight, each worker sending its next request when the
 previous one answers. Open loop: `--rate R` requests/s offered on a fixed schedule whatever the server
@@ -61,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distinct", type=int, default=16, help="different pre-serialised requests, round-robin")
     p.add_argument("--channels", type=int, default=1, help="gRPC channels (TCP connections) to spread over")
     p.add_argument("--max-inflight", type=int, default=10_000, help="open loop: cap on outstanding requests")
+    p.add_argument("--streams", type=int, default=0,
+                   help="streaming: this many bidirectional streams instead of unary calls (0 = unary)")
+    p.add_argument("--stream-inflight", type=int, default=1, help="streaming: messages unanswered per stream")
     p.add_argument("--example-shape", type=int, nargs="+", default=[784],
                    help="example shape when the server does not report one (a null server)")
     p.add_argument("--latent-dim", type=int, default=20, help="latent dim when the server does not report one")
@@ -93,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = BenchSpec(target=target, rpc=args.rpc, rows=args.rows, concurrency=args.concurrency,
                          rate=args.rate, duration_s=args.duration_s, warmup_s=args.warmup_s,
                          max_requests=args.max_requests, timeout_s=args.timeout_s, distinct=args.distinct,
-                         channels=args.channels, max_inflight=args.max_inflight, server_pid=pid,
+                         channels=args.channels, max_inflight=args.max_inflight, streams=args.streams,
+                         stream_inflight=args.stream_inflight, server_pid=pid,
                          metrics_port=metrics_port, example_shape=example_shape, latent_dim=latent_dim)
         with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
             result = runner.run(run_bench(spec, args.latencies_out))

@@ -8,7 +8,9 @@ from typing import Any
 def format_table(r: dict[str, Any]) -> str:
     """The human-readable table of one result."""
     lat = r["latency_ms"]
-    load = f"C={r['concurrency']}" if r["loop"] == "closed" else f"{r['offered_rps']:g} req/s offered"
+    load = (f"C={r['concurrency']}" if r["loop"] == "closed" else
+            f"{r['streams']} streams x {r['stream_inflight']} in flight" if r["loop"] == "stream" else
+            f"{r['offered_rps']:g} req/s offered")
     rows = [
         ("run", (f"{r['rpc']} {r['loop']} loop {load}, B={r['rows_per_request']}, {r['duration_s']:.1f} s "
                 f"after {r['warmup_s']:g} s warm-up")),

@@ -29,6 +29,7 @@ from loadgen.procstat import (
 )
 from loadgen.requests import build_http_requests, build_requests
 from loadgen.spec import RPCS, BenchSpec
+from loadgen.streams import stream_worker
 
 BOTTLENECK_CORES = 0.85  # generator event-loop thread this busy (of one core) => it is the limit
 Call = Callable[..., Awaitable[Any]]
@@ -72,6 +73,11 @@ async def _one(call: Call, req: Any, t0: int, timeout_s: float, st: _State) -> N
         raise
     finally:
         st.inflight -= 1
+    record(st, t0, code)
+
+
+def record(st: _State, t0: int, code: str) -> None:
+    """One answer of a request sent at t0 (perf_counter_ns): counted if it started in the window."""
     t1 = time.perf_counter_ns()
     if st.t_start <= t0 and t1 <= st.t_end:
         st.lat_ns.append(t1 - t0)
@@ -140,7 +146,14 @@ async def run_bench(spec: BenchSpec, latencies_out: Path | None = None) -> dict[
         st.t_start = t_begin + int(spec.warmup_s * 1e9)
         st.t_end = st.t_start + int(spec.duration_s * 1e9)
         workers: list[asyncio.Future[Any]]
-        if spec.rate is None:
+        if spec.streams:
+            # One deadline for the whole stream: the run, plus the per-request timeout for the last answers.
+            stream_timeout = spec.warmup_s + spec.duration_s + spec.timeout_s + 5
+            workers = [asyncio.ensure_future(stream_worker(channels[k % len(channels)], spec.rpc, reqs,
+                                                           k * spec.stream_inflight, spec.stream_inflight,
+                                                           stream_timeout, st, record))
+                       for k in range(spec.streams)]
+        elif spec.rate is None:
             workers = [asyncio.ensure_future(_closed_worker(calls[k % len(calls)], reqs, k, spec.timeout_s, st))
                        for k in range(spec.concurrency)]
         else:
@@ -219,8 +232,10 @@ def _result(spec: BenchSpec, st: _State, lat: np.ndarray, window_s: float, befor
     lag_ms = st.max_lag_ns * 1e-6
     open_behind = spec.rate is not None and (st.dropped > 0 or lag_ms > 50.0)
     res: dict[str, Any] = {
-        "rpc": spec.rpc, "loop": "open" if spec.rate is not None else "closed",
-        "concurrency": None if spec.rate is not None else spec.concurrency,
+        "rpc": spec.rpc, "loop": "stream" if spec.streams else "open" if spec.rate is not None else "closed",
+        "concurrency": (spec.streams * spec.stream_inflight if spec.streams
+                        else None if spec.rate is not None else spec.concurrency),
+        "streams": spec.streams or None, "stream_inflight": spec.stream_inflight if spec.streams else None,
         "offered_rps": spec.rate, "rows_per_request": spec.rows, "target": spec.target,
         "duration_s": round(window_s, 3), "warmup_s": spec.warmup_s,
         "requests": done, "ok": ok, "errors": dict(st.errors),

@@ -66,6 +66,8 @@ class BenchSpec:
     distinct: int = 16
     channels: int = 1
     max_inflight: int = 10_000
+    streams: int = 0            # > 0: streaming mode, this many bidirectional streams
+    stream_inflight: int = 1    # streaming mode: messages unanswered on each stream
     server_pid: int | None = None
     metrics_port: int | None = None
     example_shape: tuple[int, ...] = (784,)
@@ -82,6 +84,10 @@ class BenchSpec:
             ("max_requests", self.max_requests >= 1, "an integer >= 1"),
             ("channels", self.channels >= 1, "an integer >= 1"),
             ("distinct", self.distinct >= 1, "an integer >= 1"),
+            ("streams", self.streams >= 0 and (self.streams == 0 or self.rpc != "sample"),
+             "an integer >= 0 (0 = unary calls), and an RPC with a stream (not sample)"),
+            ("streams", self.streams == 0 or self.rate is None, "no --rate with --streams (closed loop per stream)"),
+            ("stream_inflight", self.stream_inflight >= 1, "an integer >= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -5,6 +5,12 @@
     python -m serving.client --target localhost:50051 sample --count 64 --seed 0 --png samples.png
     python -m serving.client --target localhost:50051 reconstruct --input x.npy --png recon.png
     python -m serving.client --target localhost:50051 decode --input z.npy [--png decoded.png]
+    python -m serving.client --target localhost:50051 encode --input x.npy --stream-rows 1
+
+`--stream-rows N` (encode, decode, reconstruct) sends the input as N-row messages on one bidirectional
+stream (EncodeStream, ...) instead of one unary call; in Python, `VaeClient.encode_stream(xs)` and its
+siblings yield `(index, result)` as answers arrive, in any order, a `StreamError` for a message that
+failed (the stream goes on).
 
 Arrays are in model space (see the manifest's `normalization`). PNG grids need Pillow; no torch and no
 matplotlib here.
@@ -16,7 +22,8 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -48,6 +55,18 @@ class Reconstructed:
     def neg_elbo(self) -> np.ndarray:
         """-ELBO per example: an anomaly score (higher = less like the training data)."""
         return self.kl - self.recon_log_lik
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """A stream message the server answered with an error (the unary call would have had this status)."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+Encoded = tuple[np.ndarray, np.ndarray]  # mu (N, d), var (N, d)
 
 
 class VaeClient:
@@ -106,6 +125,81 @@ class VaeClient:
                              kl=from_tensor(r.kl), seed=r.seed)
 
 
+    # -- streams: many messages, one call ------------------------------------------------------------
+
+    def encode_stream(self, xs: Iterable[np.ndarray], max_inflight: int = 64, timeout_s: float | None = None
+                      ) -> Iterator[tuple[int, Encoded | StreamError]]:
+        """Each x (N_i, *example_shape) of `xs` as one EncodeStream message -> (i, (mu, var) or StreamError),
+        as the answers arrive (in any order); at most `max_inflight` messages unanswered at once.
+        `timeout_s` is the whole stream's deadline (default: the client's)."""
+        return self._stream("EncodeStream", pb.EncodeStreamRequest,
+                            lambda x: pb.EncodeRequest(x=to_tensor(x)),
+                            lambda r: (from_tensor(r.mu), from_tensor(r.var)), xs, max_inflight, timeout_s)
+
+    def decode_stream(self, zs: Iterable[np.ndarray], max_inflight: int = 64, timeout_s: float | None = None
+                      ) -> Iterator[tuple[int, np.ndarray | StreamError]]:
+        """Each z (N_i, d) as one DecodeStream message -> (i, x_mean or StreamError), as answers arrive."""
+        return self._stream("DecodeStream", pb.DecodeStreamRequest, lambda z: pb.DecodeRequest(z=to_tensor(z)),
+                            lambda r: from_tensor(r.x), zs, max_inflight, timeout_s)
+
+    def reconstruct_stream(self, xs: Iterable[np.ndarray], max_inflight: int = 64, timeout_s: float | None = None
+                           ) -> Iterator[tuple[int, Reconstructed | StreamError]]:
+        """Each x (N_i, *example_shape) as one ReconstructStream message (z = mu) -> (i, Reconstructed or
+        StreamError), as answers arrive."""
+        return self._stream("ReconstructStream", pb.ReconstructStreamRequest,
+                            lambda x: pb.ReconstructRequest(x=to_tensor(x)),
+                            lambda r: Reconstructed(x_hat=from_tensor(r.x_hat), recon_log_lik=from_tensor(r.recon_log_lik),
+                                                    kl=from_tensor(r.kl), seed=r.seed),
+                            xs, max_inflight, timeout_s)
+
+    def _stream(self, rpc: str, wrapper: Any, make: Callable[[np.ndarray], Any], unpack: Callable[[Any], Any],
+                inputs: Iterable[np.ndarray], max_inflight: int, timeout_s: float | None) -> Iterator[tuple[int, Any]]:
+        """The message ids are the inputs' indices; a semaphore keeps `max_inflight` unanswered at most."""
+        slots = threading.Semaphore(max_inflight)
+        ended = threading.Event()
+
+        def requests() -> Iterator[Any]:
+            for i, a in enumerate(inputs):
+                while not slots.acquire(timeout=0.1):
+                    if ended.is_set():
+                        return
+                yield wrapper(id=str(i), request=make(a))
+
+        call = getattr(self.stub, rpc)(requests(), timeout=self.timeout_s if timeout_s is None else timeout_s)
+        try:
+            for r in call:
+                slots.release()
+                if r.HasField("status"):
+                    yield int(r.id), StreamError(_CODES.get(r.status.code, grpc.StatusCode.UNKNOWN), r.status.message)
+                else:
+                    yield int(r.id), unpack(r.response)
+        finally:
+            ended.set()
+            call.cancel()
+
+
+def in_order(answers: Iterable[tuple[int, Any]]) -> list[Any]:
+    """Stream answers (index, result) sorted back into input order; raises on the first StreamError."""
+    got = sorted(answers, key=lambda a: a[0])
+    for i, r in got:
+        if isinstance(r, StreamError):
+            raise StreamFailed(i, r)
+    return [r for _, r in got]
+
+
+class StreamFailed(Exception):
+    """A stream message failed; `index` says which input, `error` why."""
+
+    def __init__(self, index: int, error: StreamError) -> None:
+        super().__init__(f"message {index}: {error.code.name}: {error.message}")
+        self.index = index
+        self.error = error
+
+
+def _chunks(a: np.ndarray, rows: int) -> list[np.ndarray]:
+    return [a[i:i + rows] for i in range(0, a.shape[0], rows)]
+
+
 # -- PNG grids ------------------------------------------------------------------------------------
 
 def image_layout(example_shape: Sequence[int]) -> tuple[int, int, int] | None:
@@ -161,6 +255,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="localhost:50051", help="server host:port (default %(default)s)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="deadline per call (default %(default)s)")
+    p.add_argument("--stream-rows", type=int, default=0,
+                   help="encode/decode/reconstruct: send the input as messages of this many rows on one "
+                        "bidirectional stream (0 = one unary call; default %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print the model facts as JSON")
     e = sub.add_parser("encode", help="encode examples from a .npy file (N, *example_shape)")
@@ -203,7 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "info":
                 out.write(json.dumps({k: v for k, v in client.info().items() if k != "manifest"}, indent=2) + "\n")
             elif args.command == "encode":
-                mu, var = client.encode(np.load(args.input).astype(F32))
+                x = np.load(args.input).astype(F32)
+                if args.stream_rows:
+                    parts = in_order(client.encode_stream(_chunks(x, args.stream_rows), timeout_s=None))
+                    mu, var = np.concatenate([m for m, _ in parts]), np.concatenate([v for _, v in parts])
+                else:
+                    mu, var = client.encode(x)
                 if args.output:
                     np.savez(args.output, mu=mu, var=var)
                 out.write(json.dumps({"n": int(mu.shape[0]), "mu[0]": mu[0].round(4).tolist(),
@@ -221,7 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.command == "reconstruct":
                 info = client.info()
                 x = np.load(args.input).astype(F32)
-                rec = client.reconstruct(x, use_mean=not args.sample_z, seed=args.seed)
+                if args.stream_rows and not args.sample_z:
+                    recs = in_order(client.reconstruct_stream(_chunks(x, args.stream_rows), timeout_s=None))
+                    rec = Reconstructed(x_hat=np.concatenate([r.x_hat for r in recs]),
+                                        recon_log_lik=np.concatenate([r.recon_log_lik for r in recs]),
+                                        kl=np.concatenate([r.kl for r in recs]), seed=0)
+                else:
+                    rec = client.reconstruct(x, use_mean=not args.sample_z, seed=args.seed)
                 if args.png:
                     norm = info["manifest"].get("normalization", {})
                     n = x.shape[0]
@@ -234,13 +342,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "png": str(args.png) if args.png else None}) + "\n")
             elif args.command == "decode":
                 info = client.info()
-                x = client.decode(_load_z(args.input))
+                z = _load_z(args.input)
+                if args.stream_rows:
+                    x = np.concatenate(in_order(client.decode_stream(_chunks(z, args.stream_rows), timeout_s=None)))
+                else:
+                    x = client.decode(z)
                 if args.png:
                     save_grid(to_raw(x, info["manifest"].get("normalization", {})), info["example_shape"],
                               args.png)
                 out.write(json.dumps({"n": int(x.shape[0]), "png": str(args.png) if args.png else None}) + "\n")
         except grpc.RpcError as e:
             sys.stderr.write(f"{args.command}: {e.code().name}: {e.details()}\n")
+            return 1
+        except StreamFailed as e:
+            sys.stderr.write(f"{args.command}: {e}\n")
             return 1
     return 0
 

@@ -52,6 +52,7 @@ class ServeConfig:
     max_sample_count: int = 4096
     max_message_bytes: int = 16 * 1024 * 1024
     max_inflight_bytes: int = 256 * 1024 * 1024
+    max_stream_inflight: int = 64
     grace_period_s: float = 10.0
     drain_delay_s: float = 2.0
     max_concurrent_rpcs: int = 4096
@@ -77,6 +78,7 @@ class ServeConfig:
             ("max_sample_count", self.max_sample_count >= 1, "an integer >= 1"),
             ("max_message_bytes", self.max_message_bytes >= 1024, "an integer >= 1024"),
             ("max_inflight_bytes", self.max_inflight_bytes >= 0, "an integer >= 0 (0 = no limit)"),
+            ("max_stream_inflight", self.max_stream_inflight >= 1, "an integer >= 1"),
             ("grace_period_s", self.grace_period_s >= 0, "a number >= 0"),
             ("drain_delay_s", self.drain_delay_s >= 0, "a number >= 0"),
             ("max_concurrent_rpcs", self.max_concurrent_rpcs >= 0, "an integer >= 0 (0 = no limit)"),
@@ -199,6 +201,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--max-message-bytes", int, "largest gRPC message received or sent")
     add("--max-inflight-bytes", int, "budget of request and response bytes (times the copies each needs) "
                                      "held by RPCs at once; over it, RESOURCE_EXHAUSTED (0 = no limit)")
+    add("--max-stream-inflight", int, "messages of one stream read but not yet answered; at this many the "
+                                      "server stops reading that stream (HTTP/2 flow control holds the client)")
     add("--grace-period-s", float, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
     add("--drain-delay-s", float, "on SIGTERM, seconds of serving on after health turns NOT_SERVING, before "
                                   "new RPCs are refused (load balancers stop sending meanwhile); SIGINT skips it")

@@ -53,17 +53,24 @@ class ModelMetrics:
 
 
 class MethodMetrics:
-    """The per-method children `serving.rpc` touches: latency, in-flight count, answers by status code."""
+    """The per-method children `serving.rpc` touches: latency, in-flight count, answers by status code.
 
-    __slots__ = ("_codes", "_requests", "duration", "inflight", "method")
+    For a streaming method (`stream`), each message is one request (its answer's code, its latency from
+    read to answer) and `streams` counts the open streams (`vae_open_streams`).
+    """
 
-    def __init__(self, m: Metrics, method: str) -> None:
+    __slots__ = ("_codes", "_requests", "duration", "inflight", "method", "streams")
+
+    def __init__(self, m: Metrics, method: str, stream: bool = False) -> None:
         self.method = method
         self.duration = m.request_duration.labels(method)
-        self.inflight = 0  # RPCs of this method being handled (event loop only); read at scrape time
+        self.inflight = 0  # RPCs (messages) of this method being handled (event loop only); read at scrape time
+        self.streams = 0   # open streams of this method (streaming methods only)
         self._requests = m.requests
         self._codes: dict[str, Counter] = {}
         m.live(m.inflight.labels(method), lambda: self.inflight)
+        if stream:
+            m.live(m.open_streams.labels(method), lambda: self.streams)
 
     def started(self) -> None:
         self.inflight += 1
@@ -102,8 +109,10 @@ class Metrics:
                                 registry=r, multiprocess_mode="liveall")
         self.queue_requests = Gauge("queue_requests", "requests waiting in the queue", ("model",),
                                     namespace=ns, registry=r, multiprocess_mode="liveall")
-        self.inflight = Gauge("inflight_requests", "RPCs being handled", ("method",), namespace=ns,
-                              registry=r, multiprocess_mode="livesum")
+        self.inflight = Gauge("inflight_requests", "RPCs (stream messages) being handled", ("method",),
+                              namespace=ns, registry=r, multiprocess_mode="livesum")
+        self.open_streams = Gauge("open_streams", "bidirectional streams open", ("method",), namespace=ns,
+                                  registry=r, multiprocess_mode="livesum")
         self.rows = Counter("rows_total", "rows computed", ("model",), namespace=ns, registry=r)
         self.batches = Counter("batches_total", "ONNX Runtime runs", ("model",), namespace=ns, registry=r)
         self.rejections = Counter("rejections_total", "requests refused or dropped before compute",
@@ -136,11 +145,11 @@ class Metrics:
         MultiProcessCollector(r)
         return r
 
-    def method_metrics(self, method: str) -> MethodMetrics:
-        """The children of one RPC method (created, with its in-flight gauge, on the method's first call)."""
+    def method_metrics(self, method: str, stream: bool = False) -> MethodMetrics:
+        """The children of one RPC method (created, with its gauges, on the method's first call)."""
         mm = self._methods.get(method)
         if mm is None:
-            mm = self._methods[method] = MethodMetrics(self, method)
+            mm = self._methods[method] = MethodMetrics(self, method, stream)
         return mm
 
     def set_model_info(self, name: str, version: str, providers: Iterable[str]) -> None:

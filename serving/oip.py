@@ -8,6 +8,12 @@ share. ModelInfer goes through the same validation, batcher, deadlines, back-pre
 metrics as vae.v1.VaeService (`serving.rpc`, `VaeCore.input_tensor`); errors are the codes Triton gives:
 INVALID_ARGUMENT for an unknown model, input name, datatype, shape or size, and for raw and typed
 contents mixed.
+
+ModelStreamInfer (Triton's bidirectional extension, non-decoupled semantics): every ModelInferRequest
+on the stream goes through ModelInfer above (`serving.rpc` runs it per message) and gets one
+ModelStreamInferResponse: `infer_response` (carrying the request's id) on success; on failure
+`error_message` (the text ModelInfer's status would carry) with `infer_response` holding only the
+request's model_name and id. The stream stays open after a failed message.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from serving.core import VaeCore
 from serving.errors import InvalidInput
 from serving.manifest import GraphSpec, TensorSpec
 from serving.metrics import Metrics
-from serving.rpc import deadline_of
+from serving.rpc import StreamCodec, deadline_of, field_tag, length_delimited
 from serving.tensors import F32, fp32_contents_bytes, set_fp32_contents
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -33,6 +39,21 @@ MODEL_VERSION = "1"
 # Manifest dtype -> Open Inference Protocol datatype (the export writes float32 only).
 DATATYPES = {"float32": "FP32"}
 FP32 = DATATYPES["float32"]
+_INFER_RESPONSE = field_tag(pb.ModelStreamInferResponse.DESCRIPTOR.fields_by_name["infer_response"].number)
+
+
+def _stream_ok(request: pb.ModelInferRequest, body: bytes) -> bytes:
+    return length_delimited(_INFER_RESPONSE, body)  # ModelInfer's response already carries the id
+
+
+def _stream_error(request: pb.ModelInferRequest | None, code: grpc.StatusCode, text: str) -> bytes:
+    echo = pb.ModelInferResponse() if request is None else pb.ModelInferResponse(
+        model_name=request.model_name, id=request.id)
+    return pb.ModelStreamInferResponse(error_message=text, infer_response=echo).SerializeToString()
+
+
+STREAMS = {"ModelStreamInfer": StreamCodec(unary="ModelInfer", inner=lambda r: r, ok=_stream_ok,
+                                           error=_stream_error)}
 
 
 class OipModels:
@@ -86,6 +107,8 @@ class OipModels:
 
 class OipServicer:
     """Open Inference Protocol over the shared core (registered by `serving.rpc.add_service`)."""
+
+    streams = STREAMS
 
     def __init__(self, core: VaeCore, metrics: Metrics) -> None:
         self.core = core

@@ -13,15 +13,31 @@ so that, in one place and the same way for every RPC (probes included):
 - an InvalidInput that names its model counts in `vae_rejections_total{reason="invalid"}`;
 - the RPC holds a lease on the bytes-in-flight budget (`serving.budget`) for its request and response.
 
-Streaming methods of a service are left to the adapter (none are served yet: grpcio answers
-UNIMPLEMENTED for them).
+Bidirectional streams (`_stream`) reuse all of that per message. An adapter lists its streams in
+`streams`: stream method name -> `StreamCodec`, which names the unary method each message goes through
+and how a stream message wraps a unary request and response. Every message read from a stream is
+parsed, checked and run by that unary method exactly as a unary call would be (same errors, batcher,
+limits, bytes-in-flight lease, the stream's deadline), and gets one answer message: the unary response,
+or an error message built by the codec from `status_for`'s code and text (the stream stays open).
+Messages are handled concurrently, so answers may leave out of order (the codec carries the id).
+Metrics count each message as one request of the stream method (`vae_requests_total{method=
+"ModelStreamInfer"}`), `vae_open_streams` the open streams.
+
+Flow control: a stream holds at most `max_stream_inflight` messages read but not yet written back; at
+that many the reader stops reading, so the client's writes stall in HTTP/2 flow control instead of
+piling up in server memory. An answer that the client does not read stays in flight (its bytes on the
+lease) until it is written. Writes are one at a time per stream: the message task that finds no write
+in progress writes every answer queued behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -29,23 +45,91 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from serving.budget import REQUEST_COPIES, InflightBudget, current_lease
+from serving.budget import REQUEST_COPIES, InflightBudget, Lease, current_lease
 from serving.errors import InvalidInput, ResponseTooLarge, status_for, status_for_cancelled
 from serving.metrics import MethodMetrics, Metrics
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
 
+@dataclass(frozen=True)
+class StreamCodec:
+    """How the messages of one bidirectional stream map onto a unary RPC of the same adapter.
+
+    `unary`: the adapter method each message goes through; `inner(msg)`: the unary request inside a
+    parsed stream message; `ok(msg, body)`: the serialised answer for the serialised unary response
+    `body`; `error(msg, code, text)`: the serialised answer saying that the message failed (`msg` is
+    None when it did not parse).
+    """
+
+    unary: str
+    inner: Callable[[Any], Message]
+    ok: Callable[[Any, bytes], bytes]
+    error: Callable[[Any | None, grpc.StatusCode, str], bytes]
+
+
 class Adapter(Protocol):
-    """What `add_service` needs of an adapter: its metrics; the RPCs are its methods by name."""
+    """What `add_service` needs of an adapter: its metrics and streams; the RPCs are its methods by name."""
 
     metrics: Metrics
+
+    @property
+    def streams(self) -> Mapping[str, StreamCodec]: ...
+
+
+def field_tag(number: int) -> bytes:
+    """The wire tag of length-delimited field `number` (a message, string or bytes field)."""
+    return _varint((number << 3) | 2)
+
+
+def length_delimited(tag: bytes, payload: bytes) -> bytes:
+    """One length-delimited protobuf field on the wire: `tag` (from `field_tag`), length, payload.
+
+    Lets a stream answer wrap an already serialised response without parsing it back into a message
+    (concatenated fields are a valid message in protobuf's wire format). Costs one copy of `payload`.
+    """
+    return tag + _varint(len(payload)) + payload
+
+
+def _varint(v: int) -> bytes:
+    if v < 0x80:
+        return bytes((v,))
+    out = bytearray()
+    while v > 0x7F:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The RPC's deadline in the event loop's clock, or None when the client set none."""
     remaining = context.time_remaining()
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+def _parse(parse: Callable[[bytes], Message], data: bytes, request_type: str) -> Message:
+    try:
+        return parse(data)
+    except DecodeError:
+        raise InvalidInput("request", f"a serialized {request_type}",
+                           f"{len(data)} bytes that do not parse as one") from None
+
+
+def _checked_size(out: bytes, max_response_bytes: int) -> bytes:
+    if len(out) > max_response_bytes:
+        raise ResponseTooLarge(f"response: {len(out):,} bytes, over --max-message-bytes "
+                               f"{max_response_bytes:,}; ask for fewer rows per request")
+    return out
+
+
+def _failure(e: Exception, method: str, metrics: Metrics) -> tuple[grpc.StatusCode, str]:
+    """The status of a failed request (unary call or stream message), counting invalid input per model."""
+    if isinstance(e, InvalidInput) and e.model in metrics.models:
+        metrics.models[e.model].rejected["invalid"].inc()
+    return status_for(e, method)
 
 
 def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: Metrics,
@@ -63,22 +147,13 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
         failure: tuple[grpc.StatusCode, str] | None = None
         try:
             lease.reserve(REQUEST_COPIES * len(data), "request")
-            try:
-                request = parse(data)
-            except DecodeError:
-                raise InvalidInput("request", f"a serialized {request_type}",
-                                   f"{len(data)} bytes that do not parse as one") from None
-            out = (await impl(request, context)).SerializeToString()
-            if len(out) > max_response_bytes:
-                raise ResponseTooLarge(f"response: {len(out):,} bytes, over --max-message-bytes "
-                                       f"{max_response_bytes:,}; ask for fewer rows per request")
+            request = _parse(parse, data, request_type)
+            out = _checked_size((await impl(request, context)).SerializeToString(), max_response_bytes)
         except asyncio.CancelledError:
             mm.finished(status_for_cancelled(context.time_remaining()).name, time.perf_counter() - t0)
             raise
         except Exception as e:  # noqa: BLE001  # every error becomes its status (INTERNAL if unexpected, logged)
-            failure = status_for(e, name)
-            if isinstance(e, InvalidInput) and e.model in metrics.models:
-                metrics.models[e.model].rejected["invalid"].inc()
+            failure = _failure(e, name, metrics)
         finally:
             lease.release()
             current_lease.reset(token)
@@ -86,7 +161,7 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
             # Abort outside the except block, holding nothing: the abort's exception then keeps no
             # traceback chain to this frame, whose request bytes would otherwise live until a GC cycle.
             del data
-            request = out = None
+            request, out = None, b""
             mm.finished(failure[0].name, time.perf_counter() - t0)
             await context.abort(*failure)
         mm.finished("OK", time.perf_counter() - t0)
@@ -95,12 +170,135 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
     return handler
 
 
+class _Stream:
+    """One open stream: messages in flight (read, answer not yet written), answers queued for writing,
+    and the reader's wait for room."""
+
+    __slots__ = ("context", "inflight", "pending", "tasks", "waiter", "wake_below", "writing")
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self.context = context
+        self.inflight = 0
+        self.pending: deque[tuple[bytes, Lease]] = deque()  # answers waiting for the write in progress
+        self.writing = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.waiter: asyncio.Future[None] | None = None
+        self.wake_below = 0
+
+    async def send(self, out: bytes, lease: Lease) -> None:
+        """Write `out`, or queue it behind the write in progress (whose task then writes it)."""
+        pending = self.pending
+        pending.append((out, lease))
+        if self.writing:
+            return
+        self.writing = True
+        try:
+            while pending:
+                await self.context.write(pending[0][0])
+                pending.popleft()[1].release()
+                self.inflight -= 1
+                w = self.waiter
+                if w is not None and self.inflight < self.wake_below and not w.done():
+                    w.set_result(None)
+        finally:
+            self.writing = False
+
+    async def wait_below(self, n: int) -> None:
+        """Until fewer than `n` messages are in flight."""
+        while self.inflight >= n:
+            self.waiter = asyncio.get_running_loop().create_future()
+            self.wake_below = n
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    def abandon(self) -> None:
+        """The stream ended early (cancelled, deadline, shutdown): cancel the messages still in work,
+        give back what unwritten answers hold."""
+        for task in list(self.tasks):
+            task.cancel()
+        while self.pending:
+            self.pending.popleft()[1].release()
+
+
+def _stream(method: MethodDescriptor, codec: StreamCodec, impl: Handler, mm: MethodMetrics, metrics: Metrics,
+            max_response_bytes: int, budget: InflightBudget, max_inflight: int
+            ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+    parse = GetMessageClass(method.input_type).FromString
+    name = method.name
+    request_type = method.input_type.full_name
+    inner, ok, error = codec.inner, codec.ok, codec.error
+    perf_counter = time.perf_counter
+
+    async def message(st: _Stream, data: bytes, t0: float) -> None:
+        """One message, start to answer: the unary path of `_unary` with the failure as an answer."""
+        lease = budget.lease()
+        current_lease.set(lease)  # this task's own context: the core reserves the response on it
+        request: Any = None
+        try:
+            request = _parse(parse, data, request_type)  # first: even a refusal must carry the id
+            lease.reserve(REQUEST_COPIES * len(data), "request")
+            body = (await impl(inner(request), st.context)).SerializeToString()
+            out = _checked_size(ok(request, body), max_response_bytes)
+            code = "OK"
+        except asyncio.CancelledError:
+            lease.release()
+            mm.finished(status_for_cancelled(st.context.time_remaining()).name, perf_counter() - t0)
+            raise
+        except Exception as e:  # noqa: BLE001  # every error becomes an answer (INTERNAL if unexpected, logged)
+            status, text = _failure(e, name, metrics)
+            out, code = error(request, status, text), status.name
+        del data, request
+        mm.finished(code, perf_counter() - t0)
+        try:
+            await st.send(out, lease)
+        except Exception as e:  # noqa: BLE001  # the stream has ended under us; its handler cleans up
+            logger.debug("%s: answer not written: %r", name, e)
+
+    async def handler(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        st = _Stream(context)
+        read, create_task = context.read, asyncio.get_running_loop().create_task
+        tasks = st.tasks
+        mm.streams += 1
+        try:
+            while True:
+                if st.inflight >= max_inflight:
+                    await st.wait_below(max_inflight)  # stop reading: HTTP/2 flow control holds the client
+                data = await read()
+                if data is grpc.aio.EOF:
+                    break
+                st.inflight += 1
+                mm.started()
+                task = create_task(message(st, data, perf_counter()))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await st.wait_below(1)  # the client half-closed: answer everything read, then end with OK
+        except BaseException:
+            st.abandon()
+            raise
+        finally:
+            mm.streams -= 1
+
+    return handler
+
+
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, adapter: Adapter,
-                max_response_bytes: int, budget: InflightBudget) -> None:
-    """Register every unary RPC of `service` on `server`, served by the adapter's method of that name."""
+                max_response_bytes: int, budget: InflightBudget, max_stream_inflight: int = 64) -> None:
+    """Register every RPC of `service` on `server`: unary ones served by the adapter's method of that
+    name, bidirectional streams by the adapter's `streams` codec over its unary method."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
+    streams = adapter.streams
     for method in service.methods:
         if method.client_streaming or method.server_streaming:
+            codec = streams.get(method.name)
+            if codec is None or not (method.client_streaming and method.server_streaming):
+                raise TypeError(f"{type(adapter).__name__} has no bidirectional stream codec for "
+                                f"{service.full_name}.{method.name}")
+            mm = adapter.metrics.method_metrics(method.name, stream=True)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(_stream(  # bytes in, bytes out
+                method, codec, getattr(adapter, codec.unary), mm, adapter.metrics, max_response_bytes, budget,
+                max_stream_inflight))
             continue
         impl = getattr(adapter, method.name, None)
         if impl is None:

@@ -175,7 +175,7 @@ async def start(config: ServeConfig, reuse_port: bool = False,
         budget = InflightBudget(config.max_inflight_bytes)
         for service, adapter in ((servicer.SERVICE, servicer.VaeServicer(core, metrics)),
                                  (oip.SERVICE, oip.OipServicer(core, metrics))):
-            add_service(server, service, adapter, config.max_message_bytes, budget)
+            add_service(server, service, adapter, config.max_message_bytes, budget, config.max_stream_inflight)
         health_servicer = Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -1,7 +1,10 @@
 """vae.v1.VaeService: a thin adapter, proto <-> numpy, over `serving.core.VaeCore`.
 
 Each method is one function: unpack the request, call the core, pack the response. Metrics, status
-codes, parsing and the response-size limit are `serving.rpc`'s, the same for every RPC.
+codes, parsing and the response-size limit are `serving.rpc`'s, the same for every RPC. The streams
+(EncodeStream, DecodeStream, ReconstructStream) are the unary methods per message (`STREAMS`): a
+`*StreamRequest` carries an id and the unary request; its `*StreamResponse` echoes the id with the unary
+response or a `Status` (code, message) saying why that message failed.
 """
 
 from __future__ import annotations
@@ -10,14 +13,36 @@ import json
 from typing import Any
 
 import grpc
+from google.protobuf.message_factory import GetMessageClass
 
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving.core import VaeCore
 from serving.metrics import Metrics
-from serving.rpc import deadline_of
+from serving.rpc import StreamCodec, deadline_of, field_tag, length_delimited
 from serving.tensors import to_tensor
 
 SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"]
+
+
+def _stream_codec(unary: str) -> StreamCodec:
+    """The codec of `<unary>Stream`: its response type's `id`, `status` and `response` fields."""
+    response_type = GetMessageClass(SERVICE.methods_by_name[unary + "Stream"].output_type)
+    fields = response_type.DESCRIPTOR.fields_by_name
+    id_tag, response_tag = field_tag(fields["id"].number), field_tag(fields["response"].number)
+
+    def ok(request: Any, body: bytes) -> bytes:
+        rid = request.id.encode()
+        return (length_delimited(id_tag, rid) if rid else b"") + length_delimited(response_tag, body)
+
+    def error(request: Any | None, code: grpc.StatusCode, text: str) -> bytes:
+        status = pb.Status(code=code.value[0], message=text)
+        return response_type(id="" if request is None else request.id, status=status).SerializeToString()
+
+    return StreamCodec(unary=unary, inner=lambda r: r.request, ok=ok, error=error)
+
+
+STREAMS = {unary + "Stream": _stream_codec(unary) for unary in ("Encode", "Decode", "Reconstruct")}
+
 
 def public_manifest(raw: dict[str, Any]) -> dict[str, Any]:
     """The manifest as clients see it (GetModelInfo): the training data source is reduced to its kind
@@ -31,6 +56,8 @@ def public_manifest(raw: dict[str, Any]) -> dict[str, Any]:
 
 class VaeServicer:
     """The vae.v1.VaeService RPCs (registered by `serving.rpc.add_service`)."""
+
+    streams = STREAMS
 
     def __init__(self, core: VaeCore, metrics: Metrics) -> None:
         self.core = core

@@ -39,7 +39,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def config_pbtxt(name: str, graph: dict, onnx_path: Path, max_batch: int, delay_us: int, threads: int) -> str:
+def config_pbtxt(name: str, graph: dict, onnx_path: Path, max_batch: int, delay_us: int | None, threads: int) -> str:
+    """The model's config.pbtxt; `delay_us` None = no dynamic batching (each request is its own batch)."""
     def dims(spec: dict) -> str:
         return ", ".join(str(d) for d in spec["shape"][1:])  # without the batch dimension
 
@@ -47,7 +48,8 @@ def config_pbtxt(name: str, graph: dict, onnx_path: Path, max_batch: int, delay_
     outputs = ",\n".join(f'  {{ name: "{t["name"]}" data_type: TYPE_FP32 dims: [ {dims(t)} ] }}' for t in graph["outputs"])
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
-            f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
+            + (f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n" if delay_us is not None else "")
+            + 
             f"instance_group [ {{ count: 1 kind: KIND_CPU }} ]\n"
             f'parameters {{ key: "onnx_path" value {{ string_value: "{onnx_path}" }} }}\n'
             f'parameters {{ key: "intra_op_threads" value {{ string_value: "{threads}" }} }}\n')
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-file", type=Path, required=True)
     p.add_argument("--max-batch-size", type=int, default=512)
     p.add_argument("--max-queue-delay-us", type=int, default=750)
+    p.add_argument("--no-dynamic-batching", action="store_true",
+                   help="no dynamic batching: Triton 2.51's python backend crashed (SIGSEGV) on ModelStreamInfer "
+                        "with it on, so streams are measured with it off")
     p.add_argument("--intra-op-threads", type=int, default=1)
     p.add_argument("--ready-timeout-s", type=float, default=180.0)
     args = p.parse_args(argv)
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy2(HERE / "triton_model.py", work / "models" / name / "1" / "model.py")
         onnx = (args.model_dir / manifest["files"][name]["path"]).resolve()
         (work / "models" / name / "config.pbtxt").write_text(config_pbtxt(
-            name, manifest[name], onnx, args.max_batch_size, args.max_queue_delay_us, args.intra_op_threads))
+            name, manifest[name], onnx, args.max_batch_size,
+            None if args.no_dynamic_batching else args.max_queue_delay_us, args.intra_op_threads))
 
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     env = dict(os.environ)

@@ -215,3 +215,95 @@ def test_a_full_queue_is_resource_exhausted_over_oip(exported_model_dir: Path, m
         c.close()
     finally:
         assert s.stop() == 0
+
+
+# -- ModelStreamInfer: tritonclient's start_stream / async_stream_infer, unchanged ----------------------
+
+class StreamAnswers:
+    """What a tritonclient stream callback receives, by arrival."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[tc.InferResult | None, InferenceServerException | None]] = []
+        self.cv = threading.Condition()
+
+    def __call__(self, result: tc.InferResult | None, error: InferenceServerException | None) -> None:
+        with self.cv:
+            self.got.append((result, error))
+            self.cv.notify_all()
+
+    def wait(self, n: int, timeout_s: float = 30) -> None:
+        with self.cv:
+            assert self.cv.wait_for(lambda: len(self.got) >= n, timeout_s), f"{len(self.got)} of {n} answers"
+
+
+def test_stream_infer_answers_every_request_with_its_id_matching_onnx_runtime(
+        server: ServerProcess, manifest: Manifest, sessions: dict[str, ort.InferenceSession]) -> None:
+    x = x_batch(manifest, 100, seed=5)
+    ref = sessions["encoder"].run(["mu"], {"x": x})[0]
+    answers = StreamAnswers()
+    c = tc.InferenceServerClient(url=server.target)
+    ok0 = server.metric("vae_requests_total", method="ModelStreamInfer", code="OK")
+    c.start_stream(callback=answers)
+    try:
+        for i in range(100):
+            c.async_stream_infer("encoder", [infer_input("x", x[i:i + 1])], request_id=f"r{i}")
+        answers.wait(100)
+    finally:
+        c.stop_stream()
+        c.close()
+    by_id = {}
+    for result, error in answers.got:
+        assert error is None, error
+        assert result is not None
+        by_id[result.get_response().id] = result.as_numpy("mu")
+    assert sorted(by_id) == sorted(f"r{i}" for i in range(100))
+    for i in range(100):
+        np.testing.assert_allclose(by_id[f"r{i}"], ref[i:i + 1], rtol=1e-5, atol=1e-6)
+    assert server.metric("vae_requests_total", method="ModelStreamInfer", code="OK") == ok0 + 100
+    assert server.metric("vae_open_streams", method="ModelStreamInfer") == 0
+
+
+def test_an_invalid_stream_request_gets_an_error_message_and_the_stream_stays_open(
+        server: ServerProcess, manifest: Manifest) -> None:
+    answers = StreamAnswers()
+    c = tc.InferenceServerClient(url=server.target)
+    c.start_stream(callback=answers)
+    try:
+        c.async_stream_infer("nope", [infer_input("x", x_batch(manifest, 1))], request_id="bad-model")
+        answers.wait(1)
+        c.async_stream_infer("encoder", [infer_input("x", np.zeros((1, manifest.example_size + 1), np.float32))],
+                             request_id="bad-shape")
+        answers.wait(2)
+        c.async_stream_infer("encoder", [infer_input("x", x_batch(manifest, 2))], request_id="good")
+        answers.wait(3)
+    finally:
+        c.stop_stream()
+        c.close()
+    (r0, e0), (r1, e1), (r2, e2) = answers.got
+    assert r0 is None and e0 is not None and "model_name: expected one of" in e0.message()
+    assert r1 is None and e1 is not None and "x: expected shape" in e1.message()
+    assert e2 is None and r2 is not None and r2.get_response().id == "good" and r2.as_numpy("mu").shape[0] == 2
+
+
+def test_a_full_queue_is_an_error_answer_on_the_stream_not_a_dead_stream(exported_model_dir: Path, manifest: Manifest,
+                                                                        tmp_path: Path) -> None:
+    s = start_server(exported_model_dir, tmp_path, "--max-batch-size", "1", "--max-queue-rows", "3000")
+    answers = StreamAnswers()
+    c = tc.InferenceServerClient(url=s.target)
+    try:
+        c.start_stream(callback=answers)
+        c.async_stream_infer("encoder", [infer_input("x", x_batch(manifest, 3000))], request_id="big")
+        time.sleep(0.05)
+        c.async_stream_infer("encoder", [infer_input("x", x_batch(manifest, 2000))], request_id="refused")
+        answers.wait(2, 60)
+        c.async_stream_infer("encoder", [infer_input("x", x_batch(manifest, 1))], request_id="after")
+        answers.wait(3, 60)
+        c.stop_stream()
+        c.close()
+        errors = [e for _, e in answers.got if e is not None]
+        assert len(errors) == 1 and "--max-queue-rows" in errors[0].message(), errors
+        ids = sorted(r.get_response().id for r, _ in answers.got if r is not None)
+        assert ids == ["after", "big"]
+        assert s.metric("vae_requests_total", method="ModelStreamInfer", code="RESOURCE_EXHAUSTED") == 1
+    finally:
+        assert s.stop() == 0

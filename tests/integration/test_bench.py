@@ -43,6 +43,27 @@ def test_a_short_closed_loop_run_reports_requests_cpu_memory_and_batches(
     assert b["model"] == model and b["runs"] > 0 and b["rows"] >= rows * r["requests"] * 0.5
 
 
+@pytest.mark.parametrize(("rpc", "model"), [("infer-encoder", "encoder"), ("decode", "decoder"),
+                                            ("reconstruct", "encoder")])
+def test_a_streaming_run_reports_cpu_per_message_and_the_server_counts_stream_messages(
+        server: ServerProcess, rpc: str, model: str) -> None:
+    method = {"infer-encoder": "ModelStreamInfer", "decode": "DecodeStream", "reconstruct": "ReconstructStream"}[rpc]
+    before = server.metric("vae_requests_total", method=method, code="OK")
+    proc = bench("--ready-file", str(server.ready_path), "--rpc", rpc, "--streams", "4", "--stream-inflight", "4",
+                 "--duration-s", "1", "--warmup-s", "0.3")
+    r = result(proc)
+    assert r["loop"] == "stream" and r["streams"] == 4 and r["stream_inflight"] == 4 and r["concurrency"] == 16
+    assert r["requests"] > 10 and r["errors"] == {} and r["stuck"] == 0
+    assert r["server"]["cpu_us_per_request"] > 0 and r["server_batches"]["model"] == model
+    assert server.metric("vae_requests_total", method=method, code="OK") - before >= r["requests"]
+    assert "4 streams x 4 in flight" in proc.stdout
+
+
+def test_sample_has_no_stream_and_the_flag_says_so(server: ServerProcess) -> None:
+    proc = bench("--ready-file", str(server.ready_path), "--rpc", "sample", "--streams", "2", "--duration-s", "1")
+    assert proc.returncode == 2 and "streams: expected" in proc.stderr
+
+
 def test_an_open_loop_run_against_the_real_server(server: ServerProcess) -> None:
     proc = bench("--target", server.target, "--server-pid", str(server.proc.pid), "--rpc", "encode",
                  "--rate", "100", "--duration-s", "1", "--warmup-s", "0.2")

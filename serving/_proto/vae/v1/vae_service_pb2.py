@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'serving/_proto/vae/v1/vae_service.proto\x12\x06vae.v1\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"*\n\rEncodeRequest\x12\x19\n\x01x\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\"I\n\x0e\x45ncodeResponse\x12\x1a\n\x02mu\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1b\n\x03var\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\"v\n\rSampleRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x10\n\x08return_z\x18\x04 \x01(\x08\x42\x07\n\x05_seedB\x0e\n\x0c_temperature\"T\n\x0eSampleResponse\x12\x19\n\x01x\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x19\n\x01z\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"o\n\x12ReconstructRequest\x12\x19\n\x01x\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x15\n\x08use_mean\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x01\x88\x01\x01\x42\x0b\n\t_use_meanB\x07\n\x05_seed\"\x85\x01\n\x13ReconstructResponse\x12\x1d\n\x05x_hat\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12%\n\rrecon_log_lik\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1a\n\x02kl\x18\x03 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"*\n\rDecodeRequest\x12\x19\n\x01z\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\"+\n\x0e\x44\x65\x63odeResponse\x12\x19\n\x01x\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\"\x15\n\x13GetModelInfoRequest\"\xf5\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rexample_shape\x18\x03 \x03(\x03\x12\x12\n\nlatent_dim\x18\x04 \x01(\x03\x12\x12\n\nlikelihood\x18\x05 \x01(\t\x12\x18\n\x10learned_variance\x18\x06 \x01(\x08\x12\x1a\n\x12normalization_kind\x18\x07 \x01(\t\x12\x1c\n\x14normalization_offset\x18\x08 \x03(\x01\x12\x1b\n\x13normalization_scale\x18\t \x03(\x01\x12\x11\n\tproviders\x18\n \x03(\t\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\x03\x12\x1a\n\x12max_queue_delay_us\x18\x0c \x01(\x03\x12\x16\n\x0emax_queue_rows\x18\r \x01(\x03\x12\x18\n\x10max_sample_count\x18\x0e \x01(\x03\x12\x15\n\rmanifest_json\x18\x0f \x01(\t2\xca\x02\n\nVaeService\x12\x37\n\x06\x45ncode\x12\x15.vae.v1.EncodeRequest\x1a\x16.vae.v1.EncodeResponse\x12\x37\n\x06Sample\x12\x15.vae.v1.SampleRequest\x1a\x16.vae.v1.SampleResponse\x12\x46\n\x0bReconstruct\x12\x1a.vae.v1.ReconstructRequest\x1a\x1b.vae.v1.ReconstructResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.vae.v1.DecodeRequest\x1a\x16.vae.v1.DecodeResponse\x12I\n\x0cGetModelInfo\x12\x1b.vae.v1.GetModelInfoRequest\x1a\x1c.vae.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'serving/_proto/vae/v1/vae_service.proto\x12\x06vae.v1\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"*\n\rEncodeRequest\x12\x19\n\x01x\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\"I\n\x0e\x45ncodeResponse\x12\x1a\n\x02mu\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1b\n\x03var\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\"v\n\rSampleRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x10\n\x08return_z\x18\x04 \x01(\x08\x42\x07\n\x05_seedB\x0e\n\x0c_temperature\"T\n\x0eSampleResponse\x12\x19\n\x01x\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x19\n\x01z\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"o\n\x12ReconstructRequest\x12\x19\n\x01x\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x15\n\x08use_mean\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x01\x88\x01\x01\x42\x0b\n\t_use_meanB\x07\n\x05_seed\"\x85\x01\n\x13ReconstructResponse\x12\x1d\n\x05x_hat\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12%\n\rrecon_log_lik\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1a\n\x02kl\x18\x03 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"*\n\rDecodeRequest\x12\x19\n\x01z\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\"+\n\x0e\x44\x65\x63odeResponse\x12\x19\n\x01x\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\"\x15\n\x13GetModelInfoRequest\"\xf5\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rexample_shape\x18\x03 \x03(\x03\x12\x12\n\nlatent_dim\x18\x04 \x01(\x03\x12\x12\n\nlikelihood\x18\x05 \x01(\t\x12\x18\n\x10learned_variance\x18\x06 \x01(\x08\x12\x1a\n\x12normalization_kind\x18\x07 \x01(\t\x12\x1c\n\x14normalization_offset\x18\x08 \x03(\x01\x12\x1b\n\x13normalization_scale\x18\t \x03(\x01\x12\x11\n\tproviders\x18\n \x03(\t\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\x03\x12\x1a\n\x12max_queue_delay_us\x18\x0c \x01(\x03\x12\x16\n\x0emax_queue_rows\x18\r \x01(\x03\x12\x18\n\x10max_sample_count\x18\x0e \x01(\x03\x12\x15\n\rmanifest_json\x18\x0f \x01(\t\"I\n\x13\x45ncodeStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x07request\x18\x02 \x01(\x0b\x32\x15.vae.v1.EncodeRequest\"l\n\x14\x45ncodeStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x06status\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Status\x12(\n\x08response\x18\x03 \x01(\x0b\x32\x16.vae.v1.EncodeResponse\"I\n\x13\x44\x65\x63odeStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x07request\x18\x02 \x01(\x0b\x32\x15.vae.v1.DecodeRequest\"l\n\x14\x44\x65\x63odeStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x06status\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Status\x12(\n\x08response\x18\x03 \x01(\x0b\x32\x16.vae.v1.DecodeResponse\"S\n\x18ReconstructStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.vae.v1.ReconstructRequest\"v\n\x19ReconstructStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x06status\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Status\x12-\n\x08response\x18\x03 \x01(\x0b\x32\x1b.vae.v1.ReconstructResponse2\xc6\x04\n\nVaeService\x12\x37\n\x06\x45ncode\x12\x15.vae.v1.EncodeRequest\x1a\x16.vae.v1.EncodeResponse\x12\x37\n\x06Sample\x12\x15.vae.v1.SampleRequest\x1a\x16.vae.v1.SampleResponse\x12\x46\n\x0bReconstruct\x12\x1a.vae.v1.ReconstructRequest\x1a\x1b.vae.v1.ReconstructResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.vae.v1.DecodeRequest\x1a\x16.vae.v1.DecodeResponse\x12I\n\x0cGetModelInfo\x12\x1b.vae.v1.GetModelInfoRequest\x1a\x1c.vae.v1.GetModelInfoResponse\x12M\n\x0c\x45ncodeStream\x12\x1b.vae.v1.EncodeStreamRequest\x1a\x1c.vae.v1.EncodeStreamResponse(\x01\x30\x01\x12M\n\x0c\x44\x65\x63odeStream\x12\x1b.vae.v1.DecodeStreamRequest\x1a\x1c.vae.v1.DecodeStreamResponse(\x01\x30\x01\x12\\\n\x11ReconstructStream\x12 .vae.v1.ReconstructStreamRequest\x1a!.vae.v1.ReconstructStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=51
   _globals['_TENSOR']._serialized_end=88
-  _globals['_ENCODEREQUEST']._serialized_start=90
-  _globals['_ENCODEREQUEST']._serialized_end=132
-  _globals['_ENCODERESPONSE']._serialized_start=134
-  _globals['_ENCODERESPONSE']._serialized_end=207
-  _globals['_SAMPLEREQUEST']._serialized_start=209
-  _globals['_SAMPLEREQUEST']._serialized_end=327
-  _globals['_SAMPLERESPONSE']._serialized_start=329
-  _globals['_SAMPLERESPONSE']._serialized_end=413
-  _globals['_RECONSTRUCTREQUEST']._serialized_start=415
-  _globals['_RECONSTRUCTREQUEST']._serialized_end=526
-  _globals['_RECONSTRUCTRESPONSE']._serialized_start=529
-  _globals['_RECONSTRUCTRESPONSE']._serialized_end=662
-  _globals['_DECODEREQUEST']._serialized_start=664
-  _globals['_DECODEREQUEST']._serialized_end=706
-  _globals['_DECODERESPONSE']._serialized_start=708
-  _globals['_DECODERESPONSE']._serialized_end=751
-  _globals['_GETMODELINFOREQUEST']._serialized_start=753
-  _globals['_GETMODELINFOREQUEST']._serialized_end=774
-  _globals['_GETMODELINFORESPONSE']._serialized_start=777
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1150
-  _globals['_VAESERVICE']._serialized_start=1153
-  _globals['_VAESERVICE']._serialized_end=1483
+  _globals['_STATUS']._serialized_start=90
+  _globals['_STATUS']._serialized_end=129
+  _globals['_ENCODEREQUEST']._serialized_start=131
+  _globals['_ENCODEREQUEST']._serialized_end=173
+  _globals['_ENCODERESPONSE']._serialized_start=175
+  _globals['_ENCODERESPONSE']._serialized_end=248
+  _globals['_SAMPLEREQUEST']._serialized_start=250
+  _globals['_SAMPLEREQUEST']._serialized_end=368
+  _globals['_SAMPLERESPONSE']._serialized_start=370
+  _globals['_SAMPLERESPONSE']._serialized_end=454
+  _globals['_RECONSTRUCTREQUEST']._serialized_start=456
+  _globals['_RECONSTRUCTREQUEST']._serialized_end=567
+  _globals['_RECONSTRUCTRESPONSE']._serialized_start=570
+  _globals['_RECONSTRUCTRESPONSE']._serialized_end=703
+  _globals['_DECODEREQUEST']._serialized_start=705
+  _globals['_DECODEREQUEST']._serialized_end=747
+  _globals['_DECODERESPONSE']._serialized_start=749
+  _globals['_DECODERESPONSE']._serialized_end=792
+  _globals['_GETMODELINFOREQUEST']._serialized_start=794
+  _globals['_GETMODELINFOREQUEST']._serialized_end=815
+  _globals['_GETMODELINFORESPONSE']._serialized_start=818
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1191
+  _globals['_ENCODESTREAMREQUEST']._serialized_start=1193
+  _globals['_ENCODESTREAMREQUEST']._serialized_end=1266
+  _globals['_ENCODESTREAMRESPONSE']._serialized_start=1268
+  _globals['_ENCODESTREAMRESPONSE']._serialized_end=1376
+  _globals['_DECODESTREAMREQUEST']._serialized_start=1378
+  _globals['_DECODESTREAMREQUEST']._serialized_end=1451
+  _globals['_DECODESTREAMRESPONSE']._serialized_start=1453
+  _globals['_DECODESTREAMRESPONSE']._serialized_end=1561
+  _globals['_RECONSTRUCTSTREAMREQUEST']._serialized_start=1563
+  _globals['_RECONSTRUCTSTREAMREQUEST']._serialized_end=1646
+  _globals['_RECONSTRUCTSTREAMRESPONSE']._serialized_start=1648
+  _globals['_RECONSTRUCTSTREAMRESPONSE']._serialized_end=1766
+  _globals['_VAESERVICE']._serialized_start=1769
+  _globals['_VAESERVICE']._serialized_end=2351
 # @@protoc_insertion_point(module_scope)

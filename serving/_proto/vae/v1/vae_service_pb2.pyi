@@ -14,6 +14,14 @@ class Tensor(_message.Message):
     data: bytes
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class Status(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class EncodeRequest(_message.Message):
     __slots__ = ("x",)
     X_FIELD_NUMBER: _ClassVar[int]
@@ -121,3 +129,57 @@ class GetModelInfoResponse(_message.Message):
     max_sample_count: int
     manifest_json: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., example_shape: _Optional[_Iterable[int]] = ..., latent_dim: _Optional[int] = ..., likelihood: _Optional[str] = ..., learned_variance: _Optional[bool] = ..., normalization_kind: _Optional[str] = ..., normalization_offset: _Optional[_Iterable[float]] = ..., normalization_scale: _Optional[_Iterable[float]] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_rows: _Optional[int] = ..., max_sample_count: _Optional[int] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+
+class EncodeStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request: EncodeRequest
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[EncodeRequest, _Mapping]] = ...) -> None: ...
+
+class EncodeStreamResponse(_message.Message):
+    __slots__ = ("id", "status", "response")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: Status
+    response: EncodeResponse
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., response: _Optional[_Union[EncodeResponse, _Mapping]] = ...) -> None: ...
+
+class DecodeStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request: DecodeRequest
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[DecodeRequest, _Mapping]] = ...) -> None: ...
+
+class DecodeStreamResponse(_message.Message):
+    __slots__ = ("id", "status", "response")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: Status
+    response: DecodeResponse
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., response: _Optional[_Union[DecodeResponse, _Mapping]] = ...) -> None: ...
+
+class ReconstructStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request: ReconstructRequest
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[ReconstructRequest, _Mapping]] = ...) -> None: ...
+
+class ReconstructStreamResponse(_message.Message):
+    __slots__ = ("id", "status", "response")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: Status
+    response: ReconstructResponse
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., response: _Optional[_Union[ReconstructResponse, _Mapping]] = ...) -> None: ...

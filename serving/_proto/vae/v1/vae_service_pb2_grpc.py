@@ -61,6 +61,21 @@ class VaeServiceStub:
                 request_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.EncodeStream = channel.stream_stream(
+                '/vae.v1.VaeService/EncodeStream',
+                request_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.EncodeStreamRequest.SerializeToString,
+                response_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.EncodeStreamResponse.FromString,
+                _registered_method=True)
+        self.DecodeStream = channel.stream_stream(
+                '/vae.v1.VaeService/DecodeStream',
+                request_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.DecodeStreamRequest.SerializeToString,
+                response_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.DecodeStreamResponse.FromString,
+                _registered_method=True)
+        self.ReconstructStream = channel.stream_stream(
+                '/vae.v1.VaeService/ReconstructStream',
+                request_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamRequest.SerializeToString,
+                response_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamResponse.FromString,
+                _registered_method=True)
 
 
 class VaeServiceServicer:
@@ -103,6 +118,35 @@ class VaeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EncodeStream(self, request_iterator, context):
+        """Bidirectional streams of Encode, Decode and Reconstruct (Sample stays unary). Each request message
+        carries a client-chosen `id` and one unary request; the server answers every request message with
+        exactly one response message carrying the same `id` and either the unary response (status unset,
+        i.e. OK) or a `status` saying why that one message failed: an invalid or refused message does not
+        end the stream. Answers may come out of order (the batcher merges messages of many streams); ids
+        tell them apart. Each message goes through the same validation, batcher, limits and metrics as the
+        unary RPC; the stream's deadline applies to every message. A stream's status is OK when the client
+        half-closes and every message has been answered; it ends with a non-OK status only when the whole
+        stream fails (cancelled, deadline exceeded, server shut down after its grace period). Flow control:
+        the server reads at most --max-stream-inflight messages ahead of its answers; beyond that it stops
+        reading and HTTP/2 flow control holds the client's writes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecodeStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReconstructStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +174,21 @@ def add_VaeServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.GetModelInfoRequest.FromString,
                     response_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'EncodeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EncodeStream,
+                    request_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.EncodeStreamRequest.FromString,
+                    response_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.EncodeStreamResponse.SerializeToString,
+            ),
+            'DecodeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecodeStream,
+                    request_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.DecodeStreamRequest.FromString,
+                    response_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.DecodeStreamResponse.SerializeToString,
+            ),
+            'ReconstructStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReconstructStream,
+                    request_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamRequest.FromString,
+                    response_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +328,87 @@ class VaeService:
             '/vae.v1.VaeService/GetModelInfo',
             serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.GetModelInfoRequest.SerializeToString,
             serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vae.v1.VaeService/EncodeStream',
+            serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.EncodeStreamRequest.SerializeToString,
+            serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.EncodeStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vae.v1.VaeService/DecodeStream',
+            serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.DecodeStreamRequest.SerializeToString,
+            serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.DecodeStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconstructStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vae.v1.VaeService/ReconstructStream',
+            serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamRequest.SerializeToString,
+            serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

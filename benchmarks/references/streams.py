@@ -1,0 +1,147 @@
+"""`make bench` step (issue 15): server CPU per single-row streamed message, against Triton in the same run.
+
+    python -m benchmarks.run --only stream         # this step alone (trains the bench model if missing)
+    python -m benchmarks.references.streams --model-dir runs/bench/exported [--rounds 2] [--duration-s 4]
+
+Three servers take turns (order rotating per round), each pinned to CPU 0, the same load generator on
+CPU 1 (`python -m loadgen`, Open Inference Protocol, raw FP32, single-row requests, every output):
+
+- vae-serve (default flags): ModelStreamInfer with 64 streams x 1 message in flight (and 8 x 8), and
+  unary ModelInfer at C = 64 for context;
+- Triton with dynamic batching (the references' configuration): unary ModelInfer at C = 64;
+- Triton without dynamic batching: ModelStreamInfer, 64 streams x 1 (its python backend crashed with
+  streaming + dynamic batching, issue 15);
+- the do-nothing grpc.aio stream (`python -m loadgen.null_server --stream`: read, parse the id, answer):
+  the floor under any streamed message in a grpc.aio server, 64 streams x 1.
+
+Server CPU is CPU 0's busy time per request or message (`cpu0_us_per_request`: Triton's python-backend
+stubs included). Targets: ours streamed <= 0.6 x Triton's unary per-request CPU at C = 64, and <= Triton's
+own streamed per-message CPU. Medians over rounds. Prints the markdown section on stderr, the JSON last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.references.bench import TRITON_PY, cpu0_us_per_request
+from benchmarks.run import PY, REPO, WORK, Server, bench, log, serving_cmd
+
+STREAM_64 = ["--streams", "64", "--stream-inflight", "1"]
+STREAM_8X8 = ["--streams", "8", "--stream-inflight", "8"]
+# system -> [(scenario key, rpc, concurrency, extra loadgen flags)]
+SCENARIOS: dict[str, list[tuple[str, str, int, list[str]]]] = {
+    "vae-serve": [(f"{m}/stream64x1", f"infer-{m}", 1, STREAM_64) for m in ("encoder", "decoder")]
+                 + [("encoder/stream8x8", "infer-encoder", 1, STREAM_8X8), ("encoder/unary-c64", "infer-encoder", 64, [])],
+    "triton": [(f"{m}/unary-c64", f"infer-{m}", 64, []) for m in ("encoder", "decoder")],
+    "triton-nobatch": [(f"{m}/stream64x1", f"infer-{m}", 1, STREAM_64) for m in ("encoder", "decoder")],
+    "null-stream": [("encoder/stream64x1", "infer-encoder", 1, STREAM_64)],
+}
+
+
+def systems(model_dir: Path) -> dict[str, list[str]]:
+    cmds = {"vae-serve": serving_cmd(model_dir, []),
+            "null-stream": [PY, "-m", "loadgen.null_server", "--kind", "aio-uvloop", "--stream", "--stop-after-s", "600"]}
+    if TRITON_PY.is_file():
+        triton = [str(TRITON_PY), str(REPO / "benchmarks" / "references" / "triton.py"), "--model-dir", str(model_dir)]
+        cmds["triton"] = [*triton, "--workdir", str(WORK / "triton")]
+        cmds["triton-nobatch"] = [*triton, "--workdir", str(WORK / "triton-nobatch"), "--no-dynamic-batching"]
+    return cmds
+
+
+def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
+    cmds = systems(model_dir)
+    names = list(cmds)
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in names}
+    for rnd in range(rounds):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for name in order:
+            s = Server(cmds[name], f"stream-{name}")
+            try:
+                for key, rpc, c, extra in SCENARIOS[name]:
+                    r = bench(s.ready_path, rpc, c, 1, duration_s, extra)
+                    r["cpu0_us_per_request"] = cpu0_us_per_request(r)
+                    raw[name].setdefault(key, []).append(r)
+                    log(f"streams round {rnd + 1}/{rounds} {name:14s} {key:18s}: {r['requests_per_s']:,.0f} req/s, "
+                        f"{r['cpu0_us_per_request'] or 0:,.0f} us CPU0/req, p50 {r['latency_ms']['p50']:.2f} ms, "
+                        f"errors {r['errors'] or 'none'}")
+            finally:
+                s.stop()
+    summary: dict[str, dict[str, dict[str, float | None]]] = {}
+    for name, by in raw.items():
+        for key, runs in by.items():
+            def med(f: Any, runs: list[dict[str, Any]] = runs) -> float | None:
+                vals = [v for v in (f(r) for r in runs) if v is not None]
+                return statistics.median(vals) if vals else None
+            summary.setdefault(name, {})[key] = {
+                "requests_per_s": med(lambda r: r["requests_per_s"]), "p50_ms": med(lambda r: r["latency_ms"]["p50"]),
+                "p99_ms": med(lambda r: r["latency_ms"]["p99"]), "cpu0_us_per_request": med(lambda r: r["cpu0_us_per_request"]),
+                "errors": sum(sum(r["errors"].values()) for r in runs)}
+    return {"systems": names, "triton_missing": "triton" not in cmds, "rounds": rounds, "duration_s": duration_s,
+            "summary": summary, "commands": {n: " ".join(c) for n, c in cmds.items()}, "runs": raw}
+
+
+def targets(res: dict[str, Any]) -> list[tuple[str, float | None, float, bool | None]]:
+    """Issue 15's targets: (what, measured ratio of CPU per message, at most, met); None where not measured."""
+    s = res["summary"]
+    ours, triton, nobatch, null = (s.get(n, {}) for n in ("vae-serve", "triton", "triton-nobatch", "null-stream"))
+
+    def ratio(a: dict[str, Any], ka: str, b: dict[str, Any], kb: str) -> float | None:
+        x, y = a.get(ka, {}).get("cpu0_us_per_request"), b.get(kb, {}).get("cpu0_us_per_request")
+        return x / y if x and y else None
+
+    out: list[tuple[str, float | None, float, bool | None]] = []
+    for m in ("encoder", "decoder"):
+        for what, other, key, need in (("Triton unary ModelInfer C=64", triton, f"{m}/unary-c64", 0.6),
+                                       ("Triton ModelStreamInfer 64x1 (batching off)", nobatch, f"{m}/stream64x1", 1.0)):
+            r = ratio(ours, f"{m}/stream64x1", other, key)
+            out.append((f"{m}: vae-serve ModelStreamInfer 64x1 CPU/msg / {what} CPU/req", r, need,
+                        None if r is None else r <= need))
+    # Not a target: how far the do-nothing grpc.aio stream alone is from the first one.
+    r = ratio(null, "encoder/stream64x1", triton, "encoder/unary-c64")
+    out.append(("(floor) do-nothing grpc.aio stream 64x1 CPU/msg / Triton unary ModelInfer C=64 CPU/req", r, 0.6,
+                None if r is None else r <= 0.6))
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section."""
+    lines = ["## Streams against Triton (issue 15; same client, same run)", "",
+             "Single-row Open Inference Protocol requests from `python -m loadgen` on CPU 1 to each server on CPU 0; "
+             f"{res['rounds']} rounds of {res['duration_s']:g} s per scenario, systems taking turns, medians. CPU is "
+             "CPU 0's busy time per request or stream message. `stream64x1`: ModelStreamInfer, 64 streams with one "
+             "message in flight each; `unary-c64`: ModelInfer, 64 in flight. Commands: "
+             + "; ".join(f"`{n}`: `{c}`" for n, c in res["commands"].items()) + ".", ""]
+    if res["triton_missing"]:
+        lines += ["**Triton was not measured in this run** (`.venv-triton` missing: `scripts/ensure_triton_venv.sh`).", ""]
+    lines += ["| system | scenario | req/s | p50 ms | p99 ms | us CPU/req |", "| --- | --- | --- | --- | --- | --- |"]
+    for name in res["systems"]:
+        for key, v in res["summary"].get(name, {}).items():
+            lines.append(f"| {name} | {key} | {v['requests_per_s'] or 0:,.0f} | {v['p50_ms'] or 0:.2f} | "
+                         f"{v['p99_ms'] or 0:.2f} | {v['cpu0_us_per_request'] or 0:,.0f} |")
+    lines += ["", "| issue 15 target | measured | at most | met |", "| --- | --- | --- | --- |"]
+    for what, r, need, ok in targets(res):
+        lines.append(f"| {what} | {'-' if r is None else f'{r:.2f}x'} | {need:g}x | "
+                     f"{'not measured' if ok is None else ('yes' if ok else '**no**')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.references.streams", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--duration-s", type=float, default=4.0)
+    args = p.parse_args(argv)
+    WORK.mkdir(parents=True, exist_ok=True)
+    res = run(args.model_dir, args.rounds, args.duration_s)
+    sys.stderr.write(markdown(res))
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
