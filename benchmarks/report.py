@@ -314,6 +314,10 @@ def render(res: dict[str, Any]) -> None:
     out += ["", ("The in-process ceiling is the median over the encoder's batch sizes 32-512 (its plateau), per "
                 "CPU-second of the process, compared with the server's rows per CPU-second (per wall-clock "
                 "second beside it)."), ""]
+    if "workers" in res:  # issue 15: --workers 2 against 1
+        from benchmarks.workers import markdown as workers_markdown
+
+        out += [workers_markdown(res["workers"])]
     if "http" in res:  # issue 16: the same HTTP client against Triton and MLServer, same run
         from benchmarks.references.http_bench import markdown as http_markdown
 

@@ -337,9 +337,16 @@ def streams_step(model_dir: Path, duration_s: float) -> dict[str, Any]:
     return streams(model_dir, 2, duration_s)
 
 
+def workers_step(model_dir: Path, duration_s: float) -> dict[str, Any]:
+    from benchmarks.workers import run as workers
+
+    return workers(model_dir, 2, duration_s)
+
+
 # Steps `--only` can re-run alone: name -> (export, duration_s) -> the results entry of that name.
 PARTIAL_STEPS: dict[str, Callable[[Path, float], dict[str, Any]]] = {
-    "references": references_step, "http": http_references, "streams": streams_step}
+    "references": references_step, "http": http_references, "streams": streams_step,
+    "workers": workers_step}
 
 
 def main() -> None:
@@ -393,6 +400,8 @@ def main() -> None:
     res["http"] = http_references(model_dir, args.duration_s)
     log("streams: ModelStreamInfer against Triton's unary and streamed requests, taking turns")
     res["streams"] = streams_step(model_dir, args.duration_s)
+    log("--workers 2 against --workers 1, unpinned, 4 channels, taking turns")
+    res["workers"] = workers_step(model_dir, args.duration_s)
     log("Encode C=1, batching vs --max-batch-size 1, alternating")
     res["c1_alternating"] = c1_alternating(model_dir)
     log("diagnostics: --max-queue-delay-us sweep")

@@ -19,6 +19,39 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, theirs, ...), from /proc/PID/task/*/children."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                kids = [int(c) for c in (t / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def proc_tree_cpu_s(pid: int) -> float:
+    """CPU seconds of `pid` and every live process below it: a server's workers (--workers), helper
+    processes (JSON parsing, Triton's python-backend stubs) count as the server's own work. (A child
+    that exits between two readings drops out of the later one.)"""
+    total = proc_cpu_s(pid)
+    for c in descendants(pid):
+        try:
+            total += proc_cpu_s(c)
+        except OSError:
+            continue
+    return total
+
+
 def proc_runqueue_wait_s(pid: int) -> float:
     """Seconds the threads of `pid` have spent runnable but waiting for a CPU (/proc/PID/task/*/schedstat).
 

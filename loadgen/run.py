@@ -22,9 +22,9 @@ import numpy as np
 from loadgen.procstat import (
     allowed_cpus,
     cpus_busy_s,
-    proc_cpu_s,
     proc_memory_mb,
     proc_runqueue_wait_s,
+    proc_tree_cpu_s,
     scrape_counters,
 )
 from loadgen.requests import build_http_requests, build_requests
@@ -213,7 +213,7 @@ async def _snapshot(spec: BenchSpec) -> dict[str, Any]:
     snap: dict[str, Any] = {"t": time.perf_counter(), "gen_cpu_s": time.process_time(),
                             "gen_rq_s": proc_runqueue_wait_s(os.getpid())}
     if spec.server_pid is not None:
-        snap["srv_cpu_s"] = proc_cpu_s(spec.server_pid)
+        snap["srv_cpu_s"] = proc_tree_cpu_s(spec.server_pid)
         snap["srv_rq_s"] = proc_runqueue_wait_s(spec.server_pid)
         snap["srv_cpus_busy_s"] = cpus_busy_s(allowed_cpus(spec.server_pid))
     if spec.metrics_port is not None and spec.metrics_port > 0:
