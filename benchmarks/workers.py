@@ -67,12 +67,12 @@ def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
 def markdown(res: dict[str, Any]) -> str:
     s = res["summary"]
     lines = ["## --workers 2 against --workers 1 (unpinned, the load generator on the same 2 cores)", "",
-             f"`{res['command']}`; `python -m loadgen --channels {res['channels']}`, {res['rounds']} rounds of "
+             (f"`{res['command']}`; `python -m loadgen --channels {res['channels']}`, {res['rounds']} rounds of "
              f"{res['duration_s']:g} s, the two taking turns, medians. Server CPU counts the supervisor and every "
              "worker. With 2 cores shared by the server and the generator, a second worker can only add what "
-             "the generator leaves free: this shows the cost and the direction, not a many-core node's scaling.", "",
-             "| scenario | 1 worker req/s | 2 workers req/s | ratio | 1 worker p99 ms | 2 workers p99 ms | "
-             "1 worker us CPU/req | 2 workers us CPU/req | server cores (1 / 2) | generator cores (1 / 2) |",
+             "the generator leaves free: this shows the cost and the direction, not a many-core node's scaling."), "",
+             ("| scenario | 1 worker req/s | 2 workers req/s | ratio | 1 worker p99 ms | 2 workers p99 ms | "
+             "1 worker us CPU/req | 2 workers us CPU/req | server cores (1 / 2) | generator cores (1 / 2) |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in res["scenarios"]:
         a, b = s["1"][key], s["2"][key]
