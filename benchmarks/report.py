@@ -288,6 +288,16 @@ def training_sections(tr: dict[str, Any]) -> list[str]:
     return out
 
 
+def measured_line(step: dict[str, Any]) -> list[str]:
+    """For a step re-run alone (`benchmarks.run --only`): when, at which commit, under what load."""
+    m = step.get("measured")
+    if not m:
+        return []
+    load = ", ".join(f"{x:.1f}" for x in m["loadavg_at_start"])
+    return [(f"This section was re-run alone (`python -m benchmarks.run --only`) {m['date']} at git {m['git']}, "
+            f"load average {load} at its start; sections without such a line are from the whole run above."), ""]
+
+
 def render(res: dict[str, Any]) -> None:
     names = plots(res)
     mach, s = res["machine"], res["serving"]
@@ -317,19 +327,19 @@ def render(res: dict[str, Any]) -> None:
     if "workers" in res:  # issue 15: --workers 2 against 1
         from benchmarks.workers import markdown as workers_markdown
 
-        out += [workers_markdown(res["workers"])]
+        out += [workers_markdown(res["workers"]), *measured_line(res["workers"])]
     if "http" in res:  # issue 16: the same HTTP client against Triton and MLServer, same run
         from benchmarks.references.http_bench import markdown as http_markdown
 
-        out += [http_markdown(res["http"])]
+        out += [http_markdown(res["http"]), *measured_line(res["http"])]
     if "references" in res:  # issue 13: the same client against Triton and a naive server, same run
         from benchmarks.references.bench import markdown as references_markdown
 
-        out += [references_markdown(res["references"])]
+        out += [references_markdown(res["references"]), *measured_line(res["references"])]
     if res.get("streams"):  # issue 15: streamed messages against Triton, same run
         from benchmarks.references.streams import markdown as streams_markdown
 
-        out += [streams_markdown(res["streams"])]
+        out += [streams_markdown(res["streams"]), *measured_line(res["streams"])]
     if ANALYSIS.is_file():
         out += [ANALYSIS.read_text().strip(), ""]
     out += ["## Serving scenarios", "",

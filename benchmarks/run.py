@@ -373,7 +373,9 @@ def main() -> None:
     if args.only:
         res = json.loads((RESULTS / "serving.json").read_text())
         WORK.mkdir(parents=True, exist_ok=True)
-        res[args.only] = PARTIAL_STEPS[args.only](prepare_model(True), args.duration_s)
+        stamp = machine()
+        res[args.only] = PARTIAL_STEPS[args.only](prepare_model(True), args.duration_s) | {
+            "measured": {k: stamp[k] for k in ("date", "git", "loadavg_at_start")}}
         (RESULTS / "serving.json").write_text(json.dumps(res, indent=1) + "\n")
         render(res)
         return
