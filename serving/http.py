@@ -35,7 +35,6 @@ closes idle connections) and the same again for its body.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import ssl
@@ -102,12 +101,13 @@ def _field(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], where: s
         return default
     v = obj[key]
     if not isinstance(v, typ) or (isinstance(v, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,))):
-        raise InvalidInput(where, expected, quote(json.dumps(v)[:200]) if _jsonable(v) else type(v).__name__, model)
+        raise InvalidInput(where, expected, _shown(v), model)
     return v
 
 
-def _jsonable(v: Any) -> bool:
-    return isinstance(v, (str, int, float, bool, list, dict)) or v is None
+def _shown(v: Any) -> str:
+    """A JSON value as an error message quotes it (cut short)."""
+    return quote(orjson.dumps(v).decode()[:400])
 
 
 class HttpServer:
@@ -297,6 +297,8 @@ class HttpServer:
         assert lease is not None
         if n is not None:
             lease.reserve(copies * n, "body")
+        if request.headers.get("Expect", "").lower() == "100-continue":  # curl, for bodies over 1 KiB
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             async with asyncio.timeout(self.config.http_read_timeout_s):
                 if n is not None and "Content-Encoding" not in request.headers:
@@ -350,7 +352,7 @@ class HttpServer:
         where = f"inputs[{want.name!r}]"
         shape = _field(t, "shape", list, where + ".shape", "a list of integers", name, required=True)
         if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise InvalidInput(where + ".shape", "a list of integers", quote(json.dumps(shape)), name)
+            raise InvalidInput(where + ".shape", "a list of integers", _shown(shape), name)
         tparams = _field(t, "parameters", dict, where + ".parameters", "an object", name, {})
         binary_size = _field(tparams, "binary_data_size", int, where + ".parameters.binary_data_size",
                              "an integer (bytes)", name)
@@ -377,7 +379,7 @@ class HttpServer:
         arr = core.input_tensor(name, where, shape, data)
         outputs = _field(req, "outputs", list, "outputs", "a list of {name, parameters}", name, [])
         if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
-            raise InvalidInput("outputs", "a list of objects with a name", quote(json.dumps(outputs)[:200]), name)
+            raise InvalidInput("outputs", "a list of objects with a name", _shown(outputs), name)
         requested = [o["name"] for o in outputs]
         wanted = oip.outputs(name, spec, requested)
         all_binary = _field(params, "binary_data_output", bool, "parameters.binary_data_output", "true or false",

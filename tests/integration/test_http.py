@@ -212,6 +212,18 @@ def test_binary_sizes_that_do_not_add_up_are_400(server: ServerProcess, manifest
     assert extra[0] == 400 and "no bytes after the JSON header" in json.loads(extra[2])["error"]
 
 
+def test_curl_posts_a_large_json_body_without_waiting_for_100_continue(server: ServerProcess,
+                                                                     manifest: Manifest) -> None:
+    body = json.dumps(_infer_body(manifest, shape=[40, *manifest.example_shape],
+                                  data=x_batch(manifest, 40).ravel().tolist())).encode()
+    assert len(body) > 1024  # curl sends "Expect: 100-continue" and waits a second for the answer to it
+    t0 = time.perf_counter()
+    out = subprocess.run(["curl", "-sS", "-X", "POST", "--data-binary", "@-", "-H", "Content-Type: application/json",
+                          f"http://127.0.0.1:{server.http_port}/v2/models/encoder/infer"], input=body,
+                         capture_output=True, timeout=30, check=True)
+    assert time.perf_counter() - t0 < 0.9 and json.loads(out.stdout)["outputs"][0]["shape"] == [40, manifest.latent_dim]
+
+
 def test_paths_methods_and_the_old_metrics_behaviour(server: ServerProcess) -> None:
     port = server.http_port
     for path in ("/", "/metrics/x", "/admin", "/v2/models", "/v2/models/encoder/explain", "/v3"):
