@@ -293,7 +293,7 @@ def measured_line(step: dict[str, Any]) -> list[str]:
     m = step.get("measured")
     if not m:
         return []
-    load = ", ".join(f"{x:.1f}" for x in m["loadavg_at_start"])
+    load = ", ".join(f"{x:.1f}" for x in m["loadavg_at_start"]) if m.get("loadavg_at_start") else "not recorded"
     return [(f"This section was re-run alone (`python -m benchmarks.run --only`) {m['date']} at git {m['git']}, "
             f"load average {load} at its start; sections without such a line are from the whole run above."), ""]
 
