@@ -45,6 +45,49 @@ def cpu0_us_per_request(r: dict[str, Any]) -> float | None:
     return 1e6 * busy / r["requests"]
 
 
+Target = tuple[str, float | None, float, bool | None]  # (what, measured ratio, required, met or None)
+
+
+def summarize(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """system -> scenario -> medians over rounds (of what is measured; None where nothing was)."""
+    summary: dict[str, dict[str, dict[str, float | None]]] = {}
+    for name, by in raw.items():
+        for key, runs in by.items():
+            def med(f: Any, runs: list[dict[str, Any]] = runs) -> float | None:
+                vals = [v for v in (f(r) for r in runs) if v is not None]
+                return statistics.median(vals) if vals else None
+            summary.setdefault(name, {})[key] = {
+                "requests_per_s": med(lambda r: r["requests_per_s"]), "rows_per_s": med(lambda r: r["rows_per_s"]),
+                "p50_ms": med(lambda r: r["latency_ms"]["p50"]), "p99_ms": med(lambda r: r["latency_ms"]["p99"]),
+                "cpu0_us_per_request": med(lambda r: r["cpu0_us_per_request"]),
+                "generator_cores": med(lambda r: r["generator"]["cpu_cores"]),
+                "errors": sum(sum(r["errors"].values()) for r in runs)}
+    return summary
+
+
+def target_table(issue: str, bound: str, rows: list[Target]) -> list[str]:
+    """The markdown table of an issue's targets."""
+    lines = ["", f"| {issue} target | measured | {bound} | met |", "| --- | --- | --- | --- |"]
+    for what, r, need, ok in rows:
+        lines.append(f"| {what} | {'-' if r is None else f'{r:.2f}x'} | {need:g}x | "
+                     f"{'not measured' if ok is None else ('yes' if ok else '**no**')} |")
+    return lines
+
+
+def cli(prog: str, doc: str, run: Any, markdown: Any, argv: list[str] | None) -> int:
+    """The command line of a reference benchmark: run it, the table on stderr, the JSON on stdout."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--duration-s", type=float, default=4.0)
+    args = p.parse_args(argv)
+    WORK.mkdir(parents=True, exist_ok=True)
+    res = run(args.model_dir, args.rounds, args.duration_s)
+    sys.stderr.write(markdown(res))
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
+    return 0
+
+
 def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
     cmds = systems(model_dir)
     names = list(cmds)
@@ -63,23 +106,13 @@ def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
                         f"{r['latency_ms']['p50']:.2f} ms, errors {r['errors'] or 'none'}")
             finally:
                 s.stop()
-    summary: dict[str, dict[str, dict[str, float | None]]] = {}
-    for name, by in raw.items():
-        for key, runs in by.items():
-            def med(f: Any, runs: list[dict[str, Any]] = runs) -> float | None:
-                vals = [v for v in (f(r) for r in runs) if v is not None]
-                return statistics.median(vals) if vals else None
-            summary.setdefault(name, {})[key] = {
-                "requests_per_s": med(lambda r: r["requests_per_s"]), "rows_per_s": med(lambda r: r["rows_per_s"]),
-                "p50_ms": med(lambda r: r["latency_ms"]["p50"]), "p99_ms": med(lambda r: r["latency_ms"]["p99"]),
-                "cpu0_us_per_request": med(lambda r: r["cpu0_us_per_request"]),
-                "errors": sum(sum(r["errors"].values()) for r in runs)}
+    summary = summarize(raw)
     return {"systems": names, "triton_missing": "triton" not in cmds, "rounds": rounds, "duration_s": duration_s,
             "scenarios": [f"{m}/c{c}/b{b}" for m, c, b in SCENARIOS], "summary": summary,
             "commands": {n: " ".join(c) for n, c in cmds.items()}, "runs": raw}
 
 
-def targets(ref: dict[str, Any]) -> list[tuple[str, float | None, float, bool | None]]:
+def targets(ref: dict[str, Any]) -> list[Target]:
     """Issue 13's targets: (what, measured ratio, required, met); None where a system is missing."""
     s = ref["summary"]
     ours, naive, triton = s.get("vae-serve", {}), s.get("naive", {}), s.get("triton", {})
@@ -88,7 +121,7 @@ def targets(ref: dict[str, Any]) -> list[tuple[str, float | None, float, bool | 
         x, y = a.get(key, {}).get(metric), b.get(key, {}).get(metric)
         return x / y if x and y else None
 
-    out: list[tuple[str, float | None, float, bool | None]] = []
+    out: list[Target] = []
     for model in ("encoder", "decoder"):
         for key, metric, unit in ((f"{model}/c64/b1", "requests_per_s", "req/s"), (f"{model}/c8/b64", "rows_per_s", "rows/s")):
             need_triton = 0.85 if key.endswith("c64/b1") else 1.2
@@ -121,24 +154,12 @@ def markdown(ref: dict[str, Any]) -> str:
             cells += [f"{v.get('requests_per_s') or 0:,.0f}", f"{v.get('rows_per_s') or 0:,.0f}",
                       f"{v.get('p50_ms') or 0:.2f}", f"{v.get('cpu0_us_per_request') or 0:,.0f}"]
         lines.append(f"| {key.replace('/', ' ')} | " + " | ".join(cells) + " |")
-    lines += ["", "| issue 13 target | measured | required | met |", "| --- | --- | --- | --- |"]
-    for what, r, need, ok in targets(ref):
-        lines.append(f"| {what} | {'-' if r is None else f'{r:.2f}x'} | {need:g}x | "
-                     f"{'not measured' if ok is None else ('yes' if ok else '**no**')} |")
+    lines += target_table("issue 13", "required", targets(ref))
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.references.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--duration-s", type=float, default=4.0)
-    args = p.parse_args(argv)
-    WORK.mkdir(parents=True, exist_ok=True)
-    ref = run(args.model_dir, args.rounds, args.duration_s)
-    sys.stderr.write(markdown(ref))
-    print(json.dumps({k: v for k, v in ref.items() if k != "runs"}))
-    return 0
+    return cli("python -m benchmarks.references.bench", __doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,10 @@ document (the last line).
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.references.bench import TRITON_PY, cpu0_us_per_request
+from benchmarks.references.bench import TRITON_PY, Target, cli, cpu0_us_per_request, summarize, target_table
 from benchmarks.run import REPO, WORK, Server, bench, log, serving_cmd
 
 MLSERVER_PY = REPO / ".venv-mlserver" / "bin" / "python"
@@ -71,28 +67,17 @@ def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
                         f"{r['latency_ms']['p50']:.2f} ms, errors {r['errors'] or 'none'}")
             finally:
                 s.stop()
-    summary: dict[str, dict[str, dict[str, float | None]]] = {}
-    for name, by in raw.items():
-        for key, runs in by.items():
-            def med(f: Any, runs: list[dict[str, Any]] = runs) -> float | None:
-                vals = [v for v in (f(r) for r in runs) if v is not None]
-                return statistics.median(vals) if vals else None
-            summary.setdefault(name, {})[key] = {
-                "requests_per_s": med(lambda r: r["requests_per_s"]), "rows_per_s": med(lambda r: r["rows_per_s"]),
-                "p50_ms": med(lambda r: r["latency_ms"]["p50"]), "p99_ms": med(lambda r: r["latency_ms"]["p99"]),
-                "cpu0_us_per_request": med(lambda r: r["cpu0_us_per_request"]),
-                "generator_cores": med(lambda r: r["generator"]["cpu_cores"]),
-                "errors": sum(sum(r["errors"].values()) for r in runs)}
+    summary = summarize(raw)
     return {"systems": names, "missing": [n for n in ("triton", "mlserver") if n not in cmds], "rounds": rounds,
             "duration_s": duration_s, "scenarios": [key_of(*sc) for sc in SCENARIOS], "summary": summary,
             "commands": {n: " ".join(c) for n, c in cmds.items()}, "runs": raw}
 
 
-def targets(ref: dict[str, Any]) -> list[tuple[str, float | None, float, bool | None]]:
+def targets(ref: dict[str, Any]) -> list[Target]:
     """Issue 16's target: binary HTTP requests/s at C=64 >= MLServer's (its JSON) and >= 0.8x Triton's."""
     s = ref["summary"]
     ours, triton, mls = s.get("vae-serve", {}), s.get("triton", {}), s.get("mlserver", {})
-    out: list[tuple[str, float | None, float, bool | None]] = []
+    out: list[Target] = []
     for model in ("encoder", "decoder"):
         key = f"{model}/c64/b1"
         mine = ours.get(key, {}).get("requests_per_s")
@@ -129,24 +114,12 @@ def markdown(ref: dict[str, Any]) -> str:
                       f"{v.get('p50_ms') or 0:.2f}", f"{v.get('cpu0_us_per_request') or 0:,.0f}"]
         label = key.replace("/", " ") if key.startswith("json") else "binary " + key.replace("/", " ")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| issue 16 target | measured | required | met |", "| --- | --- | --- | --- |"]
-    for what, r, need, ok in targets(ref):
-        lines.append(f"| {what} | {'-' if r is None else f'{r:.2f}x'} | {need:g}x | "
-                     f"{'not measured' if ok is None else ('yes' if ok else '**no**')} |")
+    lines += target_table("issue 16", "required", targets(ref))
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.references.http_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--duration-s", type=float, default=4.0)
-    args = p.parse_args(argv)
-    WORK.mkdir(parents=True, exist_ok=True)
-    ref = run(args.model_dir, args.rounds, args.duration_s)
-    sys.stderr.write(markdown(ref))
-    print(json.dumps({k: v for k, v in ref.items() if k != "runs"}))
-    return 0
+    return cli("python -m benchmarks.references.http_bench", __doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":

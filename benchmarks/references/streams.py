@@ -21,14 +21,10 @@ own streamed per-message CPU. Medians over rounds. Prints the markdown section o
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.references.bench import TRITON_PY, cpu0_us_per_request
+from benchmarks.references.bench import TRITON_PY, Target, cli, cpu0_us_per_request, summarize, target_table
 from benchmarks.run import PY, REPO, WORK, Server, bench, log, serving_cmd
 
 STREAM_64 = ["--streams", "64", "--stream-inflight", "1"]
@@ -71,21 +67,12 @@ def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
                         f"errors {r['errors'] or 'none'}")
             finally:
                 s.stop()
-    summary: dict[str, dict[str, dict[str, float | None]]] = {}
-    for name, by in raw.items():
-        for key, runs in by.items():
-            def med(f: Any, runs: list[dict[str, Any]] = runs) -> float | None:
-                vals = [v for v in (f(r) for r in runs) if v is not None]
-                return statistics.median(vals) if vals else None
-            summary.setdefault(name, {})[key] = {
-                "requests_per_s": med(lambda r: r["requests_per_s"]), "p50_ms": med(lambda r: r["latency_ms"]["p50"]),
-                "p99_ms": med(lambda r: r["latency_ms"]["p99"]), "cpu0_us_per_request": med(lambda r: r["cpu0_us_per_request"]),
-                "errors": sum(sum(r["errors"].values()) for r in runs)}
+    summary = summarize(raw)
     return {"systems": names, "triton_missing": "triton" not in cmds, "rounds": rounds, "duration_s": duration_s,
             "summary": summary, "commands": {n: " ".join(c) for n, c in cmds.items()}, "runs": raw}
 
 
-def targets(res: dict[str, Any]) -> list[tuple[str, float | None, float, bool | None]]:
+def targets(res: dict[str, Any]) -> list[Target]:
     """Issue 15's targets: (what, measured ratio of CPU per message, at most, met); None where not measured."""
     s = res["summary"]
     ours, triton, nobatch, null = (s.get(n, {}) for n in ("vae-serve", "triton", "triton-nobatch", "null-stream"))
@@ -94,7 +81,7 @@ def targets(res: dict[str, Any]) -> list[tuple[str, float | None, float, bool | 
         x, y = a.get(ka, {}).get("cpu0_us_per_request"), b.get(kb, {}).get("cpu0_us_per_request")
         return x / y if x and y else None
 
-    out: list[tuple[str, float | None, float, bool | None]] = []
+    out: list[Target] = []
     for m in ("encoder", "decoder"):
         for what, other, key, need in (("Triton unary ModelInfer C=64", triton, f"{m}/unary-c64", 0.6),
                                        ("Triton ModelStreamInfer 64x1 (batching off)", nobatch, f"{m}/stream64x1", 1.0)):
@@ -123,24 +110,12 @@ def markdown(res: dict[str, Any]) -> str:
         for key, v in res["summary"].get(name, {}).items():
             lines.append(f"| {name} | {key} | {v['requests_per_s'] or 0:,.0f} | {v['p50_ms'] or 0:.2f} | "
                          f"{v['p99_ms'] or 0:.2f} | {v['cpu0_us_per_request'] or 0:,.0f} |")
-    lines += ["", "| issue 15 target | measured | at most | met |", "| --- | --- | --- | --- |"]
-    for what, r, need, ok in targets(res):
-        lines.append(f"| {what} | {'-' if r is None else f'{r:.2f}x'} | {need:g}x | "
-                     f"{'not measured' if ok is None else ('yes' if ok else '**no**')} |")
+    lines += target_table("issue 15", "at most", targets(res))
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.references.streams", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--duration-s", type=float, default=4.0)
-    args = p.parse_args(argv)
-    WORK.mkdir(parents=True, exist_ok=True)
-    res = run(args.model_dir, args.rounds, args.duration_s)
-    sys.stderr.write(markdown(res))
-    print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
-    return 0
+    return cli("python -m benchmarks.references.streams", __doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":
