@@ -309,9 +309,9 @@ class HttpServer:
                     if total > limit:
                         raise HttpError(413, f"body: over --max-message-bytes {limit:,} (counted after "
                                              f"any Content-Encoding is undone)")
+                    if n is None or total > n:  # no length given, or inflating past it: reserve as it grows
+                        lease.reserve(copies * len(chunk), "body")
                     chunks.append(chunk)
-                if n is None:
-                    lease.reserve(copies * total, "body")
                 return b"".join(chunks)
         except TimeoutError:
             raise HttpError(408, f"body: not received within --http-read-timeout-s "

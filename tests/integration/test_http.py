@@ -266,6 +266,30 @@ def test_a_body_over_the_message_limit_is_413_before_it_is_read(server: ServerPr
     assert request(server.http_port, "GET", "/v2/health/ready")[0] == 200
 
 
+def test_chunked_bodies_count_on_the_bytes_in_flight_budget_as_they_arrive(exported_model_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """Bodies without a Content-Length reserve their bytes chunk by chunk: a second unfinished upload
+    past --max-inflight-bytes is refused with 503 (the first, alone, is admitted)."""
+    s = start_server(exported_model_dir, tmp_path, "--max-inflight-bytes", "2000000")
+    head = (b"POST /v2/models/encoder/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+    try:
+        with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as first, \
+                socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as second:
+            first.sendall(head + chunk)  # alone: admitted, and left unfinished
+            time.sleep(0.5)
+            second.sendall(head + chunk)
+            answer = second.recv(65536).decode()
+            assert answer.startswith("HTTP/1.1 503") and "--max-inflight-bytes" in answer, answer
+            assert "Retry-After: 1" in answer
+            first.sendall(b"0\r\n\r\n")  # a body of spaces: not a JSON request, but it was read
+            assert first.recv(65536).decode().startswith("HTTP/1.1 400")
+        assert request(s.http_port, "GET", "/v2/health/ready")[0] == 200
+    finally:
+        assert s.stop() == 0
+
+
 def test_a_large_json_body_does_not_stall_other_requests(server: ServerProcess, manifest: Manifest) -> None:
     """A ~15 MB JSON request (the most the default limit allows) is parsed off the event loop: small
     binary requests sent meanwhile keep being answered."""
