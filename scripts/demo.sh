@@ -38,9 +38,9 @@ for _ in $(seq 1 300); do
     sleep 0.1
 done
 [ -s "$ready" ] || { cat "$SERVE_DIR/server.log"; echo "server not SERVING after 30 s" >&2; exit 1; }
-read -r grpc_port metrics_port < <("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["grpc_port"], d["metrics_port"])' "$ready")
+read -r grpc_port http_port < <("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["grpc_port"], d["http_port"])' "$ready")
 target="127.0.0.1:$grpc_port"
-echo "SERVING on $target (metrics on 127.0.0.1:$metrics_port, pid $server_pid)"
+echo "SERVING on $target (HTTP: REST API and metrics on 127.0.0.1:$http_port, pid $server_pid)"
 
 step "5/7 call every RPC through the client"
 # Eight real test-split digits, in model space, as the input of Encode and Reconstruct.
@@ -58,9 +58,21 @@ client=("$PY" -m serving.client --target "$target")
 "${client[@]}" sample --count 64 --seed 0 --png "$SERVE_DIR/samples.png"
 "${client[@]}" reconstruct --input "$SERVE_DIR/x.npy" --png "$SERVE_DIR/reconstructions.png"
 "${client[@]}" decode --input "$SERVE_DIR/encoded.npz" --png "$SERVE_DIR/decoded.png"
+# The same encoder over the Open Inference Protocol's REST API (JSON), as curl or tritonclient.http send it.
+"$PY" - "$http_port" "$SERVE_DIR/x.npy" <<'EOF'
+import json, sys, urllib.request
+import numpy as np
+x = np.load(sys.argv[2])[:2].astype(np.float32)
+body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+                   "outputs": [{"name": "mu"}]}).encode()
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v2/models/encoder/infer", data=body,
+                             headers={"Content-Type": "application/json"})
+out = json.load(urllib.request.urlopen(req, timeout=10))["outputs"][0]
+print(f"POST /v2/models/encoder/infer: {out['name']} shape {out['shape']}, first values {np.round(out['data'][:4], 3)}")
+EOF
 
-step "6/7 a few metrics from http://127.0.0.1:$metrics_port/metrics"
-"$PY" - "$metrics_port" <<'EOF'
+step "6/7 a few metrics from http://127.0.0.1:$http_port/metrics"
+"$PY" - "$http_port" <<'EOF'
 import sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
 for line in text.splitlines():
