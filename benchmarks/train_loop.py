@@ -53,6 +53,7 @@ def main() -> None:
     config = TrainConfig(data=args.data, hidden=(400,), latent_dim=20, batch_size=BATCH, lr=1e-3,
                          lr_schedule="constant", lr_warmup_epochs=0)
     x_train = load_data(config).train  # (N, D) in [0, 1]
+    config = config.resolved(x_train.shape[1], len(x_train))  # as training.fit does: --backward auto chosen
     dataset = TensorDataset(x_train)
     ctx = D.DistContext()
     cpu = torch.device("cpu")
