@@ -12,7 +12,8 @@ A  training.fit.train_one_epoch with the defaults (`--backward auto`, here the h
 A' the same loop with `--backward autograd`: one encoder Linear for (mu, logvar), BCE on logits, autograd;
 B  pytorch/examples vae/main.py's train() (benchmarks/train_recipes.py): DataLoader over a TensorDataset
    (per-example indexing and collate), separate fc21/fc22 heads, sigmoid then BCE, the default Adam,
-   `loss.item()` every step.
+   `loss.item()` every step;
+and, as a bound, the eleven matrix products of a step alone (`matmuls_only`, no loop can beat it).
 
 The loops take turns in one process (A, A', B, A, A', B, ...; each turn a fresh model and optimiser) so
 drift in machine load hits all of them; the medians are reported, of wall-clock examples/s and of examples
@@ -30,6 +31,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,6 +46,24 @@ from training.model import VAE
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_loop.json"
 BATCH = 128
+FLOOR = "matmuls_only"
+
+
+def matmul_floor(n_in: int, hidden: int, latent: int) -> Callable[[], None]:
+    """The eleven matrix products of one training step of the n_in-hidden-latent MLP VAE at batch 128 and
+    nothing else (the forward's four, the backward's weight and input gradients; none for x): what any loop
+    over this model must spend a step on, so its examples/s bound every loop's."""
+    x, h, z = torch.rand(BATCH, n_in), torch.rand(BATCH, hidden), torch.randn(BATCH, latent)
+    g_out, g_enc = torch.randn(BATCH, n_in), torch.randn(BATCH, 2 * latent)
+    w1, w2 = torch.randn(hidden, n_in), torch.randn(2 * latent, hidden)
+    w3, w4 = torch.randn(hidden, latent), torch.randn(n_in, hidden)
+
+    def step() -> None:
+        for a, b in ((x, w1.t()), (h, w2.t()), (z, w3.t()), (h, w4.t()),  # forward
+                     (g_out.t(), h), (g_out, w4), (h.t(), z), (h, w3),       # decoder backward
+                     (g_enc.t(), h), (g_enc, w2), (h.t(), x)):               # encoder backward
+            torch.mm(a, b)
+    return step
 
 
 def main() -> None:
@@ -65,7 +85,8 @@ def main() -> None:
     dataset = TensorDataset(x_train)
     ctx = D.DistContext()
     cpu = torch.device("cpu")
-    names = [*configs, "B_pytorch_examples"]
+    floor = matmul_floor(x_train.shape[1], 400, 20)
+    names = [*configs, "B_pytorch_examples", FLOOR]
     wall: dict[str, list[float]] = {k: [] for k in names}
     cpu_time: dict[str, list[float]] = {k: [] for k in names}
     for rep in range(args.repeats + 1):  # turn 0 warms every path up and is discarded
@@ -75,13 +96,16 @@ def main() -> None:
                 c = configs[name]
                 vae = VAE(c, (x_train.shape[1],))
                 opt = make_optimizer(vae, c, cpu)
-            else:
+            elif name != FLOOR:
                 ex = ExampleVAE(x_train.shape[1])
                 ex_opt = torch.optim.Adam(ex.parameters(), lr=1e-3)
                 loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
             t0, c0 = time.perf_counter(), time.process_time()
             for e in range(args.epochs_per_repeat):
-                if name in configs:
+                if name == FLOOR:
+                    for _ in range(-(-len(x_train) // BATCH)):
+                        floor()
+                elif name in configs:
                     shard = D.epoch_shard(len(x_train), c.seed + rep, e, ctx)
                     train_one_epoch(vae, vae, opt, x_train, shard, BATCH, c, e,
                                     noise_generator(c.seed + rep, e, 0, cpu))
@@ -109,6 +133,7 @@ def main() -> None:
         "ratio_A_over_B": med["A_training_fit"] / med[b],
         "ratio_A_over_B_cpu": med_cpu["A_training_fit"] / med_cpu[b],
         "ratio_A_autograd_over_B": med["A_autograd"] / med[b],
+        "ratio_floor_over_B": med[FLOOR] / med[b],
         "ratio_A_over_B_per_turn": statistics.median(
             a / bb for a, bb in zip(wall["A_training_fit"], wall[b], strict=True)),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
@@ -120,7 +145,8 @@ def main() -> None:
     for k, v in wall.items():
         print(f"{k:<20}{med[k]:>19.0f}{min(v):>10.0f}{max(v):>10.0f}{med_cpu[k]:>11.0f}")
     print(f"ratio A/B: {result['ratio_A_over_B']:.2f}x wall-clock, {result['ratio_A_over_B_cpu']:.2f}x per CPU-second, "
-          f"{result['ratio_A_over_B_per_turn']:.2f}x median of turns; A'/B {result['ratio_A_autograd_over_B']:.2f}x  "
+          f"{result['ratio_A_over_B_per_turn']:.2f}x median of turns; A'/B {result['ratio_A_autograd_over_B']:.2f}x; "
+          f"the matrix products alone {result['ratio_floor_over_B']:.2f}x B  "
           f"({len(x_train)} examples, batch {BATCH}; written to {args.out})")
 
 

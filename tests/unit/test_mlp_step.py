@@ -78,3 +78,16 @@ def test_backward_auto_picks_the_manual_step_only_where_it_is_written_for() -> N
     with pytest.raises(ValueError, match=r"backward 'manual': not available for likelihood 'gaussian'"):
         MlpElboStep(VAE(TrainConfig(hidden=(8,), latent_dim=2, likelihood="gaussian"), (4,)),
                     torch.optim.Adam([torch.zeros(1, requires_grad=True)]), 0.0, 0.0)
+
+
+def test_logits_past_the_sigmoids_float32_range_still_give_the_true_log_likelihood() -> None:
+    torch.manual_seed(2)
+    vae = VAE(TrainConfig(hidden=(16,), latent_dim=3), (10,))
+    with torch.no_grad():
+        vae.decoder_body[-1].bias[:5] = 120.0  # sigmoid(-120) is 0 in float32: log would give -inf
+    x = torch.rand(4, 10)
+    eps = torch.randn(4, 3)
+    _, expected_sums = _autograd_reference(vae, x, eps, 1.0, 0.0)
+    sums = MlpElboStep(vae, torch.optim.Adam(vae.parameters()), 0.0, 0.0).gradients(x, eps, 1.0)
+    assert torch.isfinite(sums).all()
+    torch.testing.assert_close(sums, expected_sums)
