@@ -444,7 +444,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         choices=LR_SCHEDULES)
     add("--lr-warmup-epochs", d.lr_warmup_epochs, "ramp the learning rate linearly from 0 over this many epochs",
         type=int)
-    add("--weight-decay", d.weight_decay, "Adam weight decay (L2)", type=float)
+    add("--weight-decay", d.weight_decay, "Adam weight decay (L2, added to the gradient); 0: off", type=float)
     add("--objective", d.objective, "elbo, or iwae: the importance-weighted bound with --iwae-k samples",
         choices=OBJECTIVES)
     add("--iwae-k", d.iwae_k, "importance samples per example of --objective iwae", type=int)
