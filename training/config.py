@@ -52,9 +52,9 @@ def auto_latent_dim(n_in: int) -> int:
 
 
 def auto_backward(config: TrainConfig, world_size: int) -> Backward:
-    """The step for `--backward auto`: the hand-written one (training/mlp_step.py, about 1.5x the examples
-    per second of autograd's at batch 128 on a CPU core; BENCHMARKS.md) where it is written for the run
-    (MLP, Bernoulli, the ELBO, one process), autograd elsewhere."""
+    """The step for `--backward auto`: the hand-written one (training/mlp_step.py; 1.14x autograd's examples/s
+    in benchmarks/train_loop.py at batch 128 on one CPU core, 1.35x per step in isolation: BENCHMARKS.md) where
+    it is written for the run (MLP, Bernoulli, the ELBO, one process), autograd elsewhere."""
     manual = (config.arch == "mlp" and config.likelihood == "bernoulli" and config.objective == "elbo"
               and world_size == 1)
     return "manual" if manual else "autograd"

@@ -1,9 +1,9 @@
 """The hand-written training step of the MLP VAE with a Bernoulli decoder: forward, ELBO and backward in
 plain tensor ops, no autograd graph (`--backward manual`, what `--backward auto` picks where it applies).
 
-Why: at batch 128 on one CPU core the five (128 x 784) x (784 x 400)-sized matrix products of a
-784-400-20 step take about 4.7 ms, and autograd, the composite BCE-with-logits and the optimiser's
-Python added as much again (benchmarks/train_loop.py). Here each product writes straight into its
+Why: at batch 128 on one CPU core the eleven matrix products of a 784-400-20 step take about 4.9 ms, at
+the core's peak, and autograd, the composite BCE-with-logits and the optimiser's Python added about 60% on
+top (benchmarks/train_analysis.md). Here each product writes straight into its
 parameter's `.grad` (allocated once), the ELBO's gradient is formed in a few fused element-wise ops,
 and the optimiser's step is the same `torch.optim.Adam` (its fused kernel, called on the optimiser's own
 state without the Python of `Optimizer.step`, which cost about 0.17 ms a step), so checkpoints and
