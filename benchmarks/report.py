@@ -281,7 +281,7 @@ def training_sections(tr: dict[str, Any]) -> list[str]:
                  "B_pytorch_examples": "B: the pytorch/examples loop",
                  "matmuls_only": "the step's 11 matrix products alone (a bound on any loop)"}
         out += ["### Hot loop speed", "",
-                (f"`{tr['train_loop_command']}` (benchmarks/train_loop.py; {tl['data']}, "
+                (f"`{tr['train_loop_command']}` (benchmarks/train_loop.py, {tl.get('date', 'run of 2026-12-01 23:56 UTC')}; {tl['data']}, "
                  f"{tl['train_examples']} examples, batch {tl['batch_size']}, model {tl['model']}, "
                  f"{tl['torch_threads']} torch thread, the loops taking turns {tl['repeats']} times"
                  + (f", load average {tl['loadavg_at_start'][0]:.1f} at start" if "loadavg_at_start" in tl else "")

@@ -127,7 +127,7 @@ def main() -> None:
         "batch_size": BATCH, "model": {"arch": "mlp", "hidden": [400], "latent_dim": 20},
         "backward": {k: c.backward for k, c in configs.items()},
         "repeats": args.repeats, "epochs_per_repeat": args.epochs_per_repeat, "torch_threads": args.threads,
-        "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
         "examples_per_s": {k: {"median": med[k], "runs": v} for k, v in wall.items()},
         "examples_per_cpu_s": {k: {"median": med_cpu[k], "runs": v} for k, v in cpu_time.items()},
         "ratio_A_over_B": med["A_training_fit"] / med[b],
