@@ -275,14 +275,26 @@ def training_sections(tr: dict[str, Any]) -> list[str]:
         out += recipe_targets(rec) + [""]
     if tl_path.is_file():
         tl = json.loads(tl_path.read_text())
-        eps = tl["examples_per_s"]
+        eps, cpu = tl["examples_per_s"], tl.get("examples_per_cpu_s", {})
+        loops = {"A_training_fit": f"A: training.fit's loop, the defaults (`--backward {tl.get('backward', {}).get('A_training_fit', 'autograd')}`)",
+                 "A_autograd": "A': training.fit's loop, `--backward autograd`",
+                 "B_pytorch_examples": "B: the pytorch/examples loop",
+                 "matmuls_only": "the step's 11 matrix products alone (a bound on any loop)"}
         out += ["### Hot loop speed", "",
-                (f"`{tr['train_loop_command']}` (benchmarks/train_loop.py; {tl['data']}, "
+                (f"`{tr['train_loop_command']}` (benchmarks/train_loop.py, {tl.get('date', 'run of 2026-12-01 23:56 UTC')}; {tl['data']}, "
                  f"{tl['train_examples']} examples, batch {tl['batch_size']}, model {tl['model']}, "
-                 f"{tl['torch_threads']} torch thread, A and B alternating {tl['repeats']} times):"), "",
-                "| loop | median examples/s |", "| --- | --- |"]
-        out += [f"| {k} | {v['median']:,.0f} |" for k, v in eps.items()]
-        out += ["", f"training.fit's loop is {tl['ratio_A_over_B']:.2f}x the pytorch/examples loop (target: 2x).", ""]
+                 f"{tl['torch_threads']} torch thread, the loops taking turns {tl['repeats']} times"
+                 + (f", load average {tl['loadavg_at_start'][0]:.1f} at start" if "loadavg_at_start" in tl else "")
+                 + "):"), "",
+                "| loop | median examples/s | median examples per CPU-second |", "| --- | --- | --- |"]
+        out += [f"| {loops.get(k, k)} | {v['median']:,.0f} | "
+                f"{cpu[k]['median']:,.0f} |" if k in cpu else f"| {loops.get(k, k)} | {v['median']:,.0f} | |"
+                for k, v in eps.items()]
+        line = f"training.fit's loop is {tl['ratio_A_over_B']:.2f}x the pytorch/examples loop (target: 2x)"
+        if "ratio_A_over_B_cpu" in tl:
+            line += (f"; {tl['ratio_A_over_B_cpu']:.2f}x per CPU-second; with autograd {tl['ratio_A_autograd_over_B']:.2f}x; "
+                     f"the matrix products alone run at {tl['ratio_floor_over_B']:.2f}x")
+        out += ["", line + ".", ""]
     if TRAIN_ANALYSIS.is_file():
         out += [TRAIN_ANALYSIS.read_text().rstrip(), ""]
     return out

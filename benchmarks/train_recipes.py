@@ -48,7 +48,7 @@ WORK = REPO / "runs" / "bench" / "recipes"
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 ELBO_SAMPLES, IWAE_K, ACTIVE_THRESHOLD = 8, 100, 0.01
 PREVIOUS_DEFAULTS = ["--hidden", "256", "128", "--latent-dim", "8", "--lr", "3e-3", "--batch-size", "64",
-                     "--lr-schedule", "constant", "--lr-warmup-epochs", "0"]
+                     "--lr-schedule", "constant", "--lr-warmup-epochs", "0", "--weight-decay", "0"]
 
 
 def log(msg: str) -> None:

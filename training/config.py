@@ -16,12 +16,14 @@ Likelihood = Literal["bernoulli", "gaussian"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 Objective = Literal["elbo", "iwae"]
 LrSchedule = Literal["auto", "constant", "cosine"]
+Backward = Literal["auto", "manual", "autograd"]
 
 ARCHES: tuple[str, ...] = ("mlp", "conv")
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 OBJECTIVES: tuple[str, ...] = ("elbo", "iwae")
 LR_SCHEDULES: tuple[str, ...] = ("auto", "constant", "cosine")
+BACKWARDS: tuple[str, ...] = ("auto", "manual", "autograd")
 # lr_schedule "auto": cosine from this many training examples up, constant below (see auto_lr_schedule).
 COSINE_MIN_TRAIN_EXAMPLES = 4096
 CHECKPOINT_CHOICES: tuple[str, ...] = ("best", "last")
@@ -47,6 +49,15 @@ def auto_latent_dim(n_in: int) -> int:
     """Latent dimensions for `n_in` inputs when `--latent-dim` is not given: a power of two near
     sqrt(n_in), in [2, 64]: 64 -> 8, 784 -> 32."""
     return int(min(64, max(2, 2 ** round(math.log2(math.sqrt(n_in))))))
+
+
+def auto_backward(config: TrainConfig, world_size: int) -> Backward:
+    """The step for `--backward auto`: the hand-written one (training/mlp_step.py; 1.14x autograd's examples/s
+    in benchmarks/train_loop.py at batch 128 on one CPU core, 1.35x per step in isolation: BENCHMARKS.md) where
+    it is written for the run (MLP, Bernoulli, the ELBO, one process), autograd elsewhere."""
+    manual = (config.arch == "mlp" and config.likelihood == "bernoulli" and config.objective == "elbo"
+              and world_size == 1)
+    return "manual" if manual else "autograd"
 
 
 def auto_lr_schedule(n_train: int) -> str:
@@ -81,7 +92,9 @@ class TrainConfig:
     lr: float = 3e-3
     lr_schedule: LrSchedule = "auto"
     lr_warmup_epochs: int = 1
-    weight_decay: float = 0.0
+    # Adam's L2 term (coupled). Measured (BENCHMARKS.md): on 7,200 MNIST digits, 118 epochs, 1e-3 gave 0.64 nats
+    # better test -ELBO than 0 (1e-4: 0.30; 3e-3: 0.56; 1e-2: 0.61 worse); on 8x8 digits it changed nothing.
+    weight_decay: float = 1e-3
     objective: Objective = "elbo"
     iwae_k: int = 5
     beta: float = 1.0
@@ -93,6 +106,8 @@ class TrainConfig:
     device: DeviceChoice = "auto"
     patience: int = 0
     grad_clip: float = 0.0
+    # How gradients are computed: manual (training/mlp_step.py), autograd, or auto (manual where it applies).
+    backward: Backward = "auto"
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -103,6 +118,7 @@ class TrainConfig:
             ("device", self.device in DEVICES, f"one of {DEVICES}"),
             ("objective", self.objective in OBJECTIVES, f"one of {OBJECTIVES}"),
             ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
+            ("backward", self.backward in BACKWARDS, f"one of {BACKWARDS}"),
             ("latent_dim", self.latent_dim >= 0, "an integer >= 1 (0: chosen from the input size)"),
             ("hidden", all(h >= 1 for h in self.hidden), "integers >= 1 (none: chosen from the input size)"),
             ("conv_channels", len(self.conv_channels) >= 1 and all(c >= 1 for c in self.conv_channels),
@@ -139,15 +155,22 @@ class TrainConfig:
                     raise ConfigError(f"{name}: the iwae objective is the plain importance-weighted bound; "
                                       f"expected {neutral!r}, got {getattr(self, name)!r}")
 
-    def resolved(self, n_in: int, n_train: int) -> TrainConfig:
+    def resolved(self, n_in: int, n_train: int, world_size: int = 1) -> TrainConfig:
         """This config with what was left open chosen: `hidden` and `latent_dim` from `n_in` input dimensions,
         `lr_schedule` "auto" from `n_train` training examples, `epochs` 0 as DEFAULT_EPOCHS unless a time
-        budget ends the run (then 0 stays: no epoch limit)."""
+        budget ends the run (then 0 stays: no epoch limit), `backward` "auto" from the model and
+        `world_size` ranks."""
+        if self.backward == "manual" and auto_backward(self, world_size) != "manual":
+            raise ConfigError("backward: 'manual' is written for arch 'mlp', likelihood 'bernoulli', objective "
+                              f"'elbo' in one process; got arch {self.arch!r}, likelihood {self.likelihood!r}, "
+                              f"objective {self.objective!r}, {world_size} rank(s); use 'auto' or 'autograd'")
         return dataclasses.replace(self, hidden=self.hidden or auto_hidden(n_in),
                                    epochs=self.epochs or (0 if self.time_budget_s else DEFAULT_EPOCHS),
                                    latent_dim=self.latent_dim or auto_latent_dim(n_in),
                                    lr_schedule=auto_lr_schedule(n_train) if self.lr_schedule == "auto"
-                                   else self.lr_schedule)
+                                   else self.lr_schedule,
+                                   backward=auto_backward(self, world_size) if self.backward == "auto"
+                                   else self.backward)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -46,16 +46,26 @@ from training.checkpoint import (
     config_from_checkpoint,
     load_checkpoint,
 )
-from training.config import ARCHES, DEVICES, LIKELIHOODS, LR_SCHEDULES, OBJECTIVES, ConfigError, TrainConfig
+from training.config import (
+    ARCHES,
+    BACKWARDS,
+    DEVICES,
+    LIKELIHOODS,
+    LR_SCHEDULES,
+    OBJECTIVES,
+    ConfigError,
+    TrainConfig,
+)
 from training.data import DataError, DataSplits, load_data
 from training.evaluate import heldout_sums, stats_from_sums
+from training.mlp_step import MlpElboStep
 from training.model import VAE, training_objective
 from training.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
 # Flags that may differ from the checkpoint's config when resuming; all others must match.
-RESUME_OVERRIDABLE: tuple[str, ...] = ("epochs", "time_budget_s", "patience", "device")
+RESUME_OVERRIDABLE: tuple[str, ...] = ("epochs", "time_budget_s", "patience", "device", "backward")
 TIMING_KEYS: tuple[str, ...] = ("examples_per_s", "seconds")
 # Flags of the command line that are not TrainConfig fields.
 RUNTIME_FLAGS: tuple[str, ...] = ("out", "resume", "progress", "dist_timeout_s", "log_level")
@@ -165,6 +175,7 @@ def train_one_epoch(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x_tr
     k = config.iwae_k if config.objective == "iwae" else 0
     sums = torch.zeros(2, dtype=torch.float64, device=dev)  # (sum log P(x|z), sum KL)
     clock = clock or Clock(0.0, D.DistContext())
+    manual = MlpElboStep(vae, opt, config.free_bits, config.grad_clip) if config.backward == "manual" else None
     done = taken = 0
     for step in range(steps):
         elapsed = clock.elapsed_s() if clock.budget_s else 0.0
@@ -177,14 +188,17 @@ def train_one_epoch(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x_tr
         if config.binarize:
             x = torch.bernoulli(x, generator=gen)  # dynamic binarisation
         eps = torch.randn((k, len(x), d) if k else (len(x), d), generator=gen, device=dev)  # (b, d) or (k, b, d)
-        terms, _, _ = model(x, eps)
-        loss = training_objective(terms, kl_weight(config, epoch, step, steps), config.free_bits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
-        opt.step()
-        sums += torch.stack([terms.log_lik.detach().sum(), terms.kl.detach().sum()]).double()
+        if manual is not None:
+            sums += manual.step(x, eps, kl_weight(config, epoch, step, steps))
+        else:
+            terms, _, _ = model(x, eps)
+            loss = training_objective(terms, kl_weight(config, epoch, step, steps), config.free_bits)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+            opt.step()
+            sums += torch.stack([terms.log_lik.detach().sum(), terms.kl.detach().sum()]).double()
         done += len(x)
         taken += 1
         if progress is not None and not progress.disable:
@@ -247,7 +261,7 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
     per_rank_batch = config.batch_size // ctx.world_size
     device = resolve_device(config.device, ctx)
     splits = load_data(config)
-    config = config.resolved(math.prod(splits.example_shape), len(splits.train))
+    config = config.resolved(math.prod(splits.example_shape), len(splits.train), ctx.world_size)
     torch.manual_seed(config.seed)  # parameter initialisation only; identical on every rank
     vae = VAE(config, splits.example_shape).to(device)
     opt = make_optimizer(vae, config, device)
@@ -430,7 +444,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         choices=LR_SCHEDULES)
     add("--lr-warmup-epochs", d.lr_warmup_epochs, "ramp the learning rate linearly from 0 over this many epochs",
         type=int)
-    add("--weight-decay", d.weight_decay, "Adam weight decay (L2)", type=float)
+    add("--weight-decay", d.weight_decay, "Adam weight decay (L2, added to the gradient); 0: off", type=float)
     add("--objective", d.objective, "elbo, or iwae: the importance-weighted bound with --iwae-k samples",
         choices=OBJECTIVES)
     add("--iwae-k", d.iwae_k, "importance samples per example of --objective iwae", type=int)
@@ -446,6 +460,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--patience", d.patience, "stop after this many epochs without a better validation -ELBO (0: never)",
         type=int)
     add("--grad-clip", d.grad_clip, "clip the gradient norm to this (0: off)", type=float)
+    add("--backward", d.backward, "manual: the hand-written forward/backward of the MLP ELBO (training/mlp_step.py; "
+        "MLP, Bernoulli, --objective elbo, one process); autograd; auto: manual where it applies", choices=BACKWARDS)
     add("--out", "runs/latest", "run directory (written by rank 0 only)", type=Path)
     add("--resume", False, "continue from OUT/checkpoint.pt if it exists", action="store_true")
     add("--progress", True, "show a progress bar per epoch", action=argparse.BooleanOptionalAction)

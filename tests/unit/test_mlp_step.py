@@ -1,0 +1,93 @@
+"""The hand-written MLP step (training/mlp_step.py) against autograd on the same batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.config import ConfigError, TrainConfig
+from training.mlp_step import MlpElboStep
+from training.model import VAE, training_objective
+
+
+def _autograd_reference(vae: VAE, x: torch.Tensor, eps: torch.Tensor, beta: float,
+                        free_bits: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    terms, _, _ = vae(x, eps)
+    training_objective(terms, beta, free_bits).backward()
+    grads = {n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None}
+    for p in vae.parameters():
+        p.grad = None
+    return grads, torch.stack([terms.log_lik.sum(), terms.kl.sum()]).detach()
+
+
+@pytest.mark.parametrize(("hidden", "beta", "free_bits"), [
+    ((40,), 1.0, 0.0),
+    ((48, 24), 0.5, 0.0),           # two hidden layers: the ReLU chain in between
+    ((40,), 2.0, "between"),        # free bits holding about half of the latent dimensions at the floor
+])
+def test_the_manual_gradients_and_sums_equal_autograds(hidden: tuple[int, ...], beta: float,
+                                                       free_bits: float | str) -> None:
+    torch.manual_seed(0)
+    vae = VAE(TrainConfig(hidden=hidden, latent_dim=6), (8, 8)).double()
+    with torch.no_grad():
+        vae.encoder_body[-1].weight.mul_(4.0)  # spread the per-dimension KL so a floor splits the dimensions
+    x = torch.rand(17, 8, 8, dtype=torch.float64)
+    eps = torch.randn(17, 6, dtype=torch.float64)
+    if free_bits == "between":
+        kl_dims = vae(x, eps)[0].kl_per_dim.mean(dim=0).detach().sort().values  # (d,)
+        free_bits = float(kl_dims[2:4].mean())  # between two dimensions, never at one
+        assert 0 < int((kl_dims > free_bits).sum()) < 6
+    assert isinstance(free_bits, float)
+    expected, expected_sums = _autograd_reference(vae, x, eps, beta, free_bits)
+    step = MlpElboStep(vae, torch.optim.Adam(vae.parameters()), free_bits, grad_clip=0.0)
+    sums = step.gradients(x, eps, beta)
+    torch.testing.assert_close(sums, expected_sums)
+    for name, p in vae.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)
+
+
+def test_a_manual_step_moves_the_parameters_as_an_autograd_step_does() -> None:
+    torch.manual_seed(1)
+    config = TrainConfig(hidden=(32,), latent_dim=4, grad_clip=0.5)
+    a, b = VAE(config, (20,)), VAE(config, (20,))
+    b.load_state_dict(a.state_dict())
+    x, eps = torch.rand(9, 20), torch.randn(9, 4)
+    opt_a = torch.optim.Adam(a.parameters(), lr=1e-2, fused=True)
+    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2, fused=True)
+    manual = MlpElboStep(a, opt_a, free_bits=0.0, grad_clip=0.5)
+    for _ in range(3):
+        manual.step(x, eps, 1.0)
+        terms, _, _ = b(x, eps)
+        opt_b.zero_grad()
+        training_objective(terms, 1.0, 0.0).backward()
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5)
+        opt_b.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, msg=name, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_auto_picks_the_manual_step_only_where_it_is_written_for() -> None:
+    assert TrainConfig().resolved(64, 1000).backward == "manual"
+    assert TrainConfig().resolved(64, 1000, world_size=2).backward == "autograd"
+    assert TrainConfig(likelihood="gaussian").resolved(64, 1000).backward == "autograd"
+    assert TrainConfig(objective="iwae").resolved(64, 1000).backward == "autograd"
+    assert TrainConfig(arch="conv").resolved(784, 1000).backward == "autograd"
+    assert TrainConfig(backward="autograd").resolved(64, 1000).backward == "autograd"
+    with pytest.raises(ConfigError, match=r"backward: 'manual' is written for arch 'mlp'.* got arch 'conv'"):
+        TrainConfig(arch="conv", backward="manual").resolved(784, 1000)
+    with pytest.raises(ValueError, match=r"backward 'manual': not available for likelihood 'gaussian'"):
+        MlpElboStep(VAE(TrainConfig(hidden=(8,), latent_dim=2, likelihood="gaussian"), (4,)),
+                    torch.optim.Adam([torch.zeros(1, requires_grad=True)]), 0.0, 0.0)
+
+
+def test_logits_past_the_sigmoids_float32_range_still_give_the_true_log_likelihood() -> None:
+    torch.manual_seed(2)
+    vae = VAE(TrainConfig(hidden=(16,), latent_dim=3), (10,))
+    with torch.no_grad():
+        vae.decoder_body[-1].bias[:5] = 120.0  # sigmoid(-120) is 0 in float32: log would give -inf
+    x = torch.rand(4, 10)
+    eps = torch.randn(4, 3)
+    _, expected_sums = _autograd_reference(vae, x, eps, 1.0, 0.0)
+    sums = MlpElboStep(vae, torch.optim.Adam(vae.parameters()), 0.0, 0.0).gradients(x, eps, 1.0)
+    assert torch.isfinite(sums).all()
+    torch.testing.assert_close(sums, expected_sums)
