@@ -217,8 +217,8 @@ class HttpServer:
         except Exception as e:  # noqa: BLE001  # every error becomes its status (500 if unexpected, logged)
             status, message = http_status_for(e, "http/" + name)
             code = status.grpc.name
-            if isinstance(e, InvalidInput) and e.model in self.metrics.models:
-                self.metrics.models[e.model].rejected["invalid"].inc()
+            if isinstance(e, InvalidInput):
+                self.metrics.count_invalid(e.model)
             headers = {"Retry-After": str(status.retry_after_s)} if status.retry_after_s else None
             response = _json({"error": message}, status.http, headers)
         finally:

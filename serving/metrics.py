@@ -124,6 +124,11 @@ class Metrics:
         self.models = {name: ModelMetrics(self, name) for name in models}
         self._methods: dict[str, MethodMetrics] = {}
 
+    def count_invalid(self, model: str | None) -> None:
+        """One request refused as invalid input for `model` (when the error named a model we serve)."""
+        if model in self.models:
+            self.models[model].rejected["invalid"].inc()
+
     def live(self, gauge: Gauge, value: Callable[[], float]) -> None:
         """`gauge` shows `value()`: read at scrape time, or (multiprocess mode) copied by `refresh`."""
         if self.multiprocess:

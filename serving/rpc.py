@@ -127,8 +127,8 @@ def _checked_size(out: bytes, max_response_bytes: int) -> bytes:
 
 def _failure(e: Exception, method: str, metrics: Metrics) -> tuple[grpc.StatusCode, str]:
     """The status of a failed request (unary call or stream message), counting invalid input per model."""
-    if isinstance(e, InvalidInput) and e.model in metrics.models:
-        metrics.models[e.model].rejected["invalid"].inc()
+    if isinstance(e, InvalidInput):
+        metrics.count_invalid(e.model)
     return status_for(e, method)
 
 

@@ -245,8 +245,10 @@ def test_paths_methods_and_the_old_metrics_behaviour(server: ServerProcess) -> N
 def test_http_requests_count_in_the_request_metrics(server: ServerProcess, manifest: Manifest) -> None:
     before_ok = server.metric("vae_requests_total", method="http/ModelInfer", code="OK")
     before_bad = server.metric("vae_requests_total", method="http/ModelInfer", code="INVALID_ARGUMENT")
+    invalid = server.metric("vae_rejections_total", model="encoder", reason="invalid")
     assert post_json(server.http_port, "/v2/models/encoder/infer", _infer_body(manifest))[0] == 200
     assert post_json(server.http_port, "/v2/models/encoder/infer", {"inputs": []})[0] == 400
+    assert server.metric("vae_rejections_total", model="encoder", reason="invalid") == invalid + 1
     assert server.metric("vae_requests_total", method="http/ModelInfer", code="OK") == before_ok + 1
     assert server.metric("vae_requests_total", method="http/ModelInfer", code="INVALID_ARGUMENT") == before_bad + 1
     assert server.metric("vae_request_duration_seconds_count", method="http/ModelInfer") >= 2
