@@ -29,8 +29,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	bash scripts/ensure_system_tools.sh h2load
-	bash scripts/ensure_triton_venv.sh
-	bash scripts/ensure_mlserver_venv.sh
+	bash scripts/ensure_reference_venvs.sh
 	$(BIN)/python -m benchmarks.run
 
 # The serving image (deploy/Dockerfile) with docker, else podman/buildah; offline-capable (scripts/build_image.sh).

@@ -7,7 +7,7 @@ Open Inference Protocol ModelInfer, raw FP32, every output returned) runs pinned
 turns in each round (the order rotates), so drift on the machine hits them alike; medians of rounds are
 reported. Server CPU is the busy time of CPU 0 per request (it counts Triton's python-backend stub
 processes, which are not tritonserver's own pid). Triton runs from `.venv-triton`
-(scripts/ensure_triton_venv.sh); where that cannot be made, Triton is reported as missing, never
+(scripts/ensure_reference_venvs.sh); where that cannot be made, Triton is reported as missing, never
 estimated. Prints one JSON document (the last line).
 """
 
@@ -144,7 +144,7 @@ def markdown(ref: dict[str, Any]) -> str:
              "is CPU 0's busy time per request (Triton's python-backend stubs included). Commands: "
              + "; ".join(f"`{n}`: `{c}`" for n, c in ref["commands"].items()) + ".", ""]
     if ref["triton_missing"]:
-        lines += ["**Triton was not measured in this run** (`.venv-triton` missing: `scripts/ensure_triton_venv.sh`).", ""]
+        lines += ["**Triton was not measured in this run** (`.venv-triton` missing: `scripts/ensure_reference_venvs.sh`).", ""]
     head = "| scenario | " + " | ".join(f"{n} req/s | {n} rows/s | {n} p50 ms | {n} us CPU/req" for n in names) + " |"
     lines += [head, "|" + " --- |" * (1 + 4 * len(names))]
     for key in ref["scenarios"]:

@@ -9,8 +9,7 @@ extension both ways (`Inference-Header-Content-Length`, every output binary); JS
 ways. MLServer 1.7 does not implement the binary extension (it answers 422), so its binary cells are
 "unsupported" and the binary target compares against its JSON, the only HTTP it serves. Systems take
 turns each round (the order rotates); medians of rounds. Server CPU is CPU 0's busy time per request.
-Triton runs from `.venv-triton`, MLServer from `.venv-mlserver` (scripts/ensure_triton_venv.sh,
-scripts/ensure_mlserver_venv.sh); a system whose venv could not be made is reported as missing, never estimated. Prints one JSON
+Triton runs from `.venv-triton`, MLServer from `.venv-mlserver` (scripts/ensure_reference_venvs.sh); a system whose venv could not be made is reported as missing, never estimated. Prints one JSON
 document (the last line).
 """
 
@@ -100,7 +99,7 @@ def markdown(ref: dict[str, Any]) -> str:
              + "; ".join(f"`{n}`: `{c}`" for n, c in ref["commands"].items()) + ".", ""]
     if ref["missing"]:
         lines += [(f"**Not measured in this run:** {', '.join(ref['missing'])} (venv missing: "
-                   "`scripts/ensure_triton_venv.sh`, `scripts/ensure_mlserver_venv.sh`)."), ""]
+                   "`scripts/ensure_reference_venvs.sh`)."), ""]
     head = "| scenario | " + " | ".join(f"{n} req/s | {n} rows/s | {n} p50 ms | {n} us CPU/req" for n in names) + " |"
     lines += [head, "|" + " --- |" * (1 + 4 * len(names))]
     for key in ref["scenarios"]:

@@ -2,7 +2,7 @@
 runtimes): a generated model repository whose custom runtime runs the export's ONNX graphs with ONNX
 Runtime (one intra-op thread), MLServer's adaptive batching (max batch 512, 750 us, like Triton's delay),
 inference in the serving process (`parallel_workers` 0). Run it with the Python of a venv holding
-`mlserver==1.7.1 onnxruntime==1.32.0` (`scripts/ensure_mlserver_venv.sh` makes `.venv-mlserver`):
+`mlserver==1.7.1 onnxruntime==1.32.0` (`scripts/ensure_reference_venvs.sh` makes `.venv-mlserver`):
 
     .venv-mlserver/bin/python benchmarks/references/mlserver.py --model-dir EXPORTED --ready-file ready.json
 
@@ -17,13 +17,11 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from launch import free_port, run_until_stopped  # a sibling module: these scripts run from this folder
 
 RUNTIME = '''
 import onnxruntime as ort
@@ -48,12 +46,6 @@ class OrtModel(MLModel):
         return InferenceResponse(model_name=self.name,
                                  outputs=[NumpyCodec.encode_output(n, o) for n, o in zip(self.out_names, outs)])
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,32 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             "parameters": {"uri": str(onnx), "extra": {"threads": args.intra_op_threads}}}))
     env = dict(os.environ, PYTHONPATH=str(work))
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlserver"), "start", str(work)], cwd=work, env=env)
-    stopping = [False]
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.__setitem__(0, True))
-    t0 = time.monotonic()
-    ready = False
-    while not ready and not stopping[0] and proc.poll() is None and time.monotonic() - t0 < args.ready_timeout_s:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/decoder/ready", timeout=2) as r:
-                ready = r.status == 200
-        except OSError:
-            time.sleep(0.25)
-    if ready:
-        tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
-        tmp.write_text(json.dumps({"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port,
-                                   "pid": proc.pid, "launcher_pid": os.getpid()}))
-        tmp.replace(args.ready_file)
-    while ready and not stopping[0] and proc.poll() is None:
-        time.sleep(0.2)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return 0 if ready else 1
+    return run_until_stopped(proc, f"http://127.0.0.1:{http_port}/v2/models/decoder/ready", args.ready_file,
+                             {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port},
+                             args.ready_timeout_s)
 
 
 if __name__ == "__main__":

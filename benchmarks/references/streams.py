@@ -104,7 +104,7 @@ def markdown(res: dict[str, Any]) -> str:
              "message in flight each; `unary-c64`: ModelInfer, 64 in flight. Commands: "
              + "; ".join(f"`{n}`: `{c}`" for n, c in res["commands"].items()) + ".", ""]
     if res["triton_missing"]:
-        lines += ["**Triton was not measured in this run** (`.venv-triton` missing: `scripts/ensure_triton_venv.sh`).", ""]
+        lines += ["**Triton was not measured in this run** (`.venv-triton` missing: `scripts/ensure_reference_venvs.sh`).", ""]
     lines += ["| system | scenario | req/s | p50 ms | p99 ms | us CPU/req |", "| --- | --- | --- | --- | --- | --- |"]
     for name in res["systems"]:
         for key, v in res["summary"].get(name, {}).items():

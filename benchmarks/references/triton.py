@@ -2,7 +2,7 @@
 `nvidia-pytriton==0.7.0` wheel, run directly on a generated model repository whose python-backend
 model (triton_model.py) runs the export's ONNX graphs with ONNX Runtime, one intra-op thread, dynamic
 batching (750 us, max batch 512). Run it with the Python of a venv holding nvidia-pytriton and
-onnxruntime (`scripts/ensure_triton_venv.sh` makes `.venv-triton`; PyTriton pins numpy < 2, so it
+onnxruntime (`scripts/ensure_reference_venvs.sh` makes `.venv-triton`; PyTriton pins numpy < 2, so it
 lives apart from the project's venv):
 
     .venv-triton/bin/python benchmarks/references/triton.py --model-dir EXPORTED --ready-file ready.json
@@ -21,22 +21,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.request
 from pathlib import Path
 
+from launch import free_port, run_until_stopped  # a sibling module: these scripts run from this folder
+
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config_pbtxt(name: str, graph: dict, onnx_path: Path, max_batch: int, delay_us: int | None, threads: int) -> str:
@@ -107,32 +99,9 @@ def main(argv: list[str] | None = None) -> int:
            "--allow-vertex-ai", "false", "--strict-model-config", "true", "--log-verbose", "0",
            "--backend-config", "python,shm-default-byte-size=33554432", "--exit-timeout-secs", "10"]
     proc = subprocess.Popen(cmd, env=env)
-    stopping = [False]
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.__setitem__(0, True))
-    t0 = time.monotonic()
-    ready = False
-    while not ready and not stopping[0] and proc.poll() is None and time.monotonic() - t0 < args.ready_timeout_s:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2) as r:
-                ready = r.status == 200
-        except OSError:
-            time.sleep(0.25)
-    if ready:
-        tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
-        tmp.write_text(json.dumps({"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port,
-                                   "pid": proc.pid, "launcher_pid": os.getpid()}))
-        tmp.replace(args.ready_file)
-    while ready and not stopping[0] and proc.poll() is None:
-        time.sleep(0.2)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return 0 if ready else 1
+    return run_until_stopped(proc, f"http://127.0.0.1:{http_port}/v2/health/ready", args.ready_file,
+                             {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port},
+                             args.ready_timeout_s)
 
 
 if __name__ == "__main__":

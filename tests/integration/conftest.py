@@ -1,4 +1,5 @@
-"""Shared helpers for the training integration tests: the repo root, the MNIST test set, runs."""
+"""Shared helpers for the integration tests: the server fixture, the export's manifest and ONNX Runtime
+sessions (the reference outputs are compared against), the MNIST test set, runs."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
 import pytest
 
+from serving.manifest import Manifest, load_manifest
 from tests.conftest import MNIST_DIR
 from tests.integration._server import ServerProcess, start_server
 from training.fit import TIMING_KEYS
@@ -33,6 +36,18 @@ def server(exported_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     s = start_server(exported_model_dir, tmp_path_factory.mktemp("server"))
     yield s
     assert s.stop() == 0, s.log()
+
+
+@pytest.fixture(scope="module")
+def manifest(exported_model_dir: Path) -> Manifest:
+    return load_manifest(exported_model_dir)
+
+
+@pytest.fixture(scope="module")
+def sessions(exported_model_dir: Path) -> dict[str, ort.InferenceSession]:
+    """ONNX Runtime on the export's graphs, in the test process: what the server's answers must equal."""
+    return {role: ort.InferenceSession(str(exported_model_dir / f"{role}.onnx"),
+                                       providers=["CPUExecutionProvider"]) for role in ("encoder", "decoder")}
 
 
 @pytest.fixture

@@ -23,19 +23,8 @@ import tritonclient.http as th
 import tritonclient.http.aio as tha
 from tritonclient.utils import InferenceServerException
 
-from serving.manifest import Manifest, load_manifest
+from serving.manifest import Manifest
 from tests.integration._server import REPO, ServerProcess, start_server
-
-
-@pytest.fixture(scope="module")
-def manifest(exported_model_dir: Path) -> Manifest:
-    return load_manifest(exported_model_dir)
-
-
-@pytest.fixture(scope="module")
-def sessions(exported_model_dir: Path) -> dict[str, ort.InferenceSession]:
-    return {role: ort.InferenceSession(str(exported_model_dir / f"{role}.onnx"),
-                                       providers=["CPUExecutionProvider"]) for role in ("encoder", "decoder")}
 
 
 @pytest.fixture(scope="module")

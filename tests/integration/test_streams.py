@@ -21,15 +21,10 @@ import pytest
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
 from serving.client import StreamError, VaeClient, in_order
-from serving.manifest import Manifest, load_manifest
+from serving.manifest import Manifest
 from serving.tensors import to_tensor
 from tests.conftest import run_module
 from tests.integration._server import ServerProcess, start_server
-
-
-@pytest.fixture(scope="module")
-def manifest(exported_model_dir: Path) -> Manifest:
-    return load_manifest(exported_model_dir)
 
 
 @pytest.fixture(scope="module")
