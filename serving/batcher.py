@@ -12,6 +12,11 @@
   event-loop pass at a time while the remaining wait is under a millisecond (asyncio timers are
   millisecond-grained), on a timer beyond that. Stopping at the first pass without an arrival would
   keep batches at ~2 rows on one core, where the event loop itself is the bottleneck.
+- Small batches on the CPU (at most `inline_rows` rows) run on the event loop itself: the hand-off to the
+  runner thread and back (a queue, a GIL exchange, a pipe wake-up) costs more than ONNX Runtime's run
+  of a few rows, and at C = 64 single-row requests that is most batches. Larger ones go to the runner
+  thread, so the event loop keeps receiving while they run. The results of an inline run are handled
+  one event-loop pass later, as the thread's would be, so arrivals of that pass can join the next batch.
 - A request larger than `max_batch_size` rows is split across consecutive batches and reassembled in
   order; a batch may end with the head of one request and start with the tail of another.
 - Back-pressure: more than `max_queue_rows` queued rows -> QueueFull at once, nothing queued.
@@ -49,6 +54,9 @@ Outputs = list[np.ndarray]
 
 # Below this remaining wait the gatherer yields event-loop passes instead of arming a timer.
 _TIMER_RESOLUTION_S = 1e-3
+# The batcher's clock (queue delay, queue wait, deadlines). Not `loop.time()`: uvloop's has 1 ms ticks,
+# which made a 500 us queue delay anything from 0 to 1 ms and queue-wait histograms read 0 or 1 ms.
+_now = time.monotonic
 
 
 class Runner(Protocol):
@@ -87,15 +95,17 @@ class Batcher:
     """
 
     def __init__(self, runner: Runner, *, max_batch_size: int, max_queue_delay_us: int,
-                 max_queue_rows: int, metrics: ModelMetrics | None = None) -> None:
-        if max_batch_size < 1 or max_queue_rows < 1 or max_queue_delay_us < 0:
-            raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_queue_delay_us >= 0")
+                 max_queue_rows: int, metrics: ModelMetrics | None = None, inline_rows: int = 0) -> None:
+        if max_batch_size < 1 or max_queue_rows < 1 or max_queue_delay_us < 0 or inline_rows < 0:
+            raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_queue_delay_us and "
+                             "inline_rows >= 0")
         self.runner = runner
         self.name = runner.name
         self._input_name: str = getattr(runner, "input_name", "input")  # named in errors
         self.max_batch_size = max_batch_size
         self.max_queue_rows = max_queue_rows
         self._delay_s = max_queue_delay_us * 1e-6
+        self._inline_rows = inline_rows  # batches of at most this many rows run on the event loop
         self._m = metrics
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0
@@ -155,8 +165,8 @@ class Batcher:
     async def submit(self, x: np.ndarray, deadline: float | None = None) -> Outputs:
         """Queue x (n, ...) and wait for its outputs, each (n, ...), in the runner's output order.
 
-        `deadline` is in the event loop's clock (`loop.time()`); a request still queued at its
-        deadline is dropped with DeadlineExpired.
+        `deadline` is in `time.monotonic()`'s clock; a request still queued at its deadline is dropped
+        with DeadlineExpired.
         """
         n = x.shape[0]
         if self._closed:
@@ -169,7 +179,7 @@ class Batcher:
         loop = self._loop
         assert loop is not None, "Batcher.start() was not called"
         fut: asyncio.Future[Outputs] = loop.create_future()
-        self._queue.append(_Request(x, fut, deadline, loop.time()))
+        self._queue.append(_Request(x, fut, deadline, _now()))
         self._queued_rows += n
         if not self._busy:
             # Idle runner: this request starts at the end of the current event-loop pass (microseconds),
@@ -187,11 +197,17 @@ class Batcher:
     def _dispatch(self) -> None:
         """Take the next batch from the queue and hand it to the runner thread (or go idle)."""
         assert self._loop is not None and self._idle is not None
-        batch, rows = self._take(self._loop.time())
+        batch, rows = self._take(_now())
         if batch:
             self._busy = True
-            self._idle.clear()
-            self._jobs.put((batch, rows))
+            if self._idle.is_set():
+                self._idle.clear()
+            if rows <= self._inline_rows:
+                # Handled on the next pass, like a thread's result: no recursion, and what arrives meanwhile
+                # joins the next batch.
+                self._loop.call_soon(self._finished, batch, rows, *self._execute(batch, rows))
+            else:
+                self._jobs.put((batch, rows))
         else:
             self._busy = False
             self._idle.set()
@@ -202,7 +218,7 @@ class Batcher:
         assert loop is not None
         self._gather_timer = None
         q = self._queue
-        remaining = self._delay_s - (loop.time() - q[0].t_enqueue) if q else 0.0
+        remaining = self._delay_s - (_now() - q[0].t_enqueue) if q else 0.0
         if self._queued_rows >= self.max_batch_size or remaining <= 0:
             self._dispatch()
         elif remaining < _TIMER_RESOLUTION_S:
@@ -310,21 +326,23 @@ class Batcher:
             if job is None:
                 return
             batch, rows = job
-            bad: np.ndarray | None = None
-            try:
-                outs, dt = self._compute(batch, rows)
-                result: Outputs | BaseException = outs
-                bad = self._nonfinite_rows(outs)  # here, off the event loop
-            except Exception as e:  # noqa: BLE001  # the run failed: every request in this batch fails with it
-                result, dt = e, 0.0
-            self._results.append((batch, rows, result, dt, bad))  # deque.append: thread-safe
+            self._results.append((batch, rows, *self._execute(batch, rows)))  # deque.append: thread-safe
             try:
                 os.write(self._wake_w, b"\0")
             except OSError:  # the pipe is closed: nobody is waiting any more
                 return
 
+    def _execute(self, batch: list[_Slice], rows: int) -> tuple[Outputs | BaseException, float, np.ndarray | None]:
+        """Run one batch (runner thread, or the event loop for a small one): its outputs or the error it
+        failed with, the run's duration, and which rows came out non-finite."""
+        try:
+            outs, dt = self._compute(batch, rows)
+            return outs, dt, self._nonfinite_rows(outs)
+        except Exception as e:  # noqa: BLE001  # the run failed: every request in this batch fails with it
+            return e, 0.0, None
+
     def _compute(self, batch: list[_Slice], rows: int) -> tuple[Outputs, float]:
-        """Runs on the runner thread: assemble the batch input (B, ...) and run the model once."""
+        """Assemble the batch input (B, ...) and run the model once."""
         if len(batch) == 1 and batch[0][1] == 0 and batch[0][2] == batch[0][0].n:
             x = batch[0][0].x  # one whole request: no copy
         else:
@@ -339,8 +357,14 @@ class Batcher:
 
     def _nonfinite_rows(self, outs: Outputs) -> np.ndarray | None:
         """Rows of the batch where some output is NaN or Inf (extreme finite inputs can overflow the
-        model), or None when every output is finite: a finite sum proves that at the cost of one pass."""
-        if all(math.isfinite(float(o.sum())) for o in outs):
+        model), or None when every output is finite: a finite sum of squares proves that at the cost of
+        one pass (a BLAS dot product, cheaper than `sum` on small batches; an overflow of large finite
+        values only sends the batch through the element-wise check)."""
+        for o in outs:
+            flat = o.reshape(-1)
+            if not math.isfinite(flat.dot(flat)):
+                break
+        else:
             return None
         bad = np.zeros(outs[0].shape[0], dtype=bool)
         for o in outs:

@@ -410,7 +410,7 @@ class HttpServer:
             return None
         if not (math.isfinite(timeout_s) and timeout_s > 0):
             raise InvalidInput("parameters.timeout", "microseconds, a number > 0", repr(t_us), model)
-        return asyncio.get_running_loop().time() + timeout_s
+        return time.monotonic() + timeout_s  # the batcher's clock
 
     async def _answer(self, req: dict[str, Any], model: str, wanted: list[str], as_binary: dict[str, bool],
                       results: dict[str, np.ndarray]) -> web.Response:

@@ -6,8 +6,9 @@ so that, in one place and the same way for every RPC (probes included):
 
 - the request arrives as bytes and is parsed here: a body that does not parse is INVALID_ARGUMENT with a
   short message (grpcio's own deserializer would answer UNKNOWN and log a traceback per request);
-- the response is serialised here and refused with RESOURCE_EXHAUSTED when it is larger than
-  `--max-message-bytes` (grpcio would fail it after the handler returned, with OK in the metrics);
+- the response is serialised here (or returned as bytes by the adapter) and refused with
+  RESOURCE_EXHAUSTED when it is larger than `--max-message-bytes` (grpcio would fail it after the
+  handler returned, with OK in the metrics);
 - the outcome is counted (`vae_requests_total{method, code}` with the code actually sent, latency,
   in-flight) and any exception becomes its status code through `serving.errors.status_for`;
 - an InvalidInput that names its model counts in `vae_rejections_total{reason="invalid"}`;
@@ -48,10 +49,11 @@ from google.protobuf.message_factory import GetMessageClass
 from serving.budget import REQUEST_COPIES, InflightBudget, Lease, current_lease
 from serving.errors import InvalidInput, ResponseTooLarge, status_for, status_for_cancelled
 from serving.metrics import MethodMetrics, Metrics
+from serving.tensors import varint
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | bytes]]
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class Adapter(Protocol):
 
 def field_tag(number: int) -> bytes:
     """The wire tag of length-delimited field `number` (a message, string or bytes field)."""
-    return _varint((number << 3) | 2)
+    return varint((number << 3) | 2)
 
 
 def length_delimited(tag: bytes, payload: bytes) -> bytes:
@@ -90,24 +92,13 @@ def length_delimited(tag: bytes, payload: bytes) -> bytes:
     Lets a stream answer wrap an already serialised response without parsing it back into a message
     (concatenated fields are a valid message in protobuf's wire format). Costs one copy of `payload`.
     """
-    return tag + _varint(len(payload)) + payload
-
-
-def _varint(v: int) -> bytes:
-    if v < 0x80:
-        return bytes((v,))
-    out = bytearray()
-    while v > 0x7F:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
+    return tag + varint(len(payload)) + payload
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The RPC's deadline in the event loop's clock, or None when the client set none."""
+    """The RPC's deadline in `time.monotonic()`'s clock (the batcher's), or None when the client set none."""
     remaining = context.time_remaining()
-    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _parse(parse: Callable[[bytes], Message], data: bytes, request_type: str) -> Message:
@@ -116,6 +107,11 @@ def _parse(parse: Callable[[bytes], Message], data: bytes, request_type: str) ->
     except DecodeError:
         raise InvalidInput("request", f"a serialized {request_type}",
                            f"{len(data)} bytes that do not parse as one") from None
+
+
+def _wire(response: Message | bytes) -> bytes:
+    """A handler's answer on the wire: adapters may return a message or its serialised bytes."""
+    return response if type(response) is bytes else response.SerializeToString()  # type: ignore[union-attr]
 
 
 def _checked_size(out: bytes, max_response_bytes: int) -> bytes:
@@ -148,7 +144,7 @@ def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: 
         try:
             lease.reserve(REQUEST_COPIES * len(data), "request")
             request = _parse(parse, data, request_type)
-            out = _checked_size((await impl(request, context)).SerializeToString(), max_response_bytes)
+            out = _checked_size(_wire(await impl(request, context)), max_response_bytes)
         except asyncio.CancelledError:
             mm.finished(status_for_cancelled(context.time_remaining()).name, time.perf_counter() - t0)
             raise
@@ -239,7 +235,7 @@ def _stream(method: MethodDescriptor, codec: StreamCodec, impl: Handler, mm: Met
         try:
             request = _parse(parse, data, request_type)  # first: even a refusal must carry the id
             lease.reserve(REQUEST_COPIES * len(data), "request")
-            body = (await impl(inner(request), st.context)).SerializeToString()
+            body = _wire(await impl(inner(request), st.context))
             out = _checked_size(ok(request, body), max_response_bytes)
             code = "OK"
         except asyncio.CancelledError:

@@ -33,13 +33,16 @@ _FP32_FIELD = 6
 _FP32_TAG = (_FP32_FIELD << 3) | 2  # wire type 2: length-delimited (packed)
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """`n` (>= 0) as a protobuf varint."""
+    if n < 0x80:
+        return bytes((n,))
     out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def fp32_contents_bytes(contents: Any) -> bytes | None:
@@ -61,10 +64,3 @@ def fp32_contents_bytes(contents: Any) -> bytes | None:
     if i + length != len(wire):
         return None
     return wire[i:]
-
-
-def set_fp32_contents(contents: Any, a: np.ndarray) -> None:
-    """Fill an (empty) InferTensorContents with `a` as fp32_contents, through its wire form."""
-    data = np.ascontiguousarray(a, dtype=F32).tobytes()
-    if data:
-        contents.MergeFromString(bytes((_FP32_TAG,)) + _varint(len(data)) + data)

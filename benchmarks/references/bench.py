@@ -2,7 +2,8 @@
 
     python -m benchmarks.references.bench --model-dir runs/bench/exported [--rounds 2] [--duration-s 4]
 
-Each system serves the same export pinned to CPU 0; the same load generator (`python -m loadgen`,
+Each system serves the same export pinned to CPU 0 (and two do-nothing servers, the grpc.aio and the
+4-thread sync floors, answer the same requests); the same load generator (`python -m loadgen`,
 Open Inference Protocol ModelInfer, raw FP32, every output returned) runs pinned to CPU 1. Systems take
 turns in each round (the order rotates), so drift on the machine hits them alike; medians of rounds are
 reported. Server CPU is the busy time of CPU 0 per request (it counts Triton's python-backend stub
@@ -20,12 +21,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import PY, REPO, WORK, Server, bench, log, serving_cmd
+from benchmarks.run import PY, REPO, WORK, Server, bench, log, pinned, serving_cmd, sh
 
 TRITON_PY = REPO / ".venv-triton" / "bin" / "python"
 # (model, concurrency, rows per request): issue 13's grid
 SCENARIOS: list[tuple[str, int, int]] = [("encoder", 64, 1), ("decoder", 64, 1), ("encoder", 8, 64),
                                          ("decoder", 8, 64), ("encoder", 1, 1), ("decoder", 1, 1)]
+
+
+# Do-nothing servers (loadgen.null_server: answer every call with an empty message, parse nothing), run like
+# the systems: the floor under any server of that grpcio kind, for this client and these requests.
+FLOORS: dict[str, str] = {"floor grpc.aio": "aio-uvloop", "floor sync-4": "sync-4"}
 
 
 def systems(model_dir: Path) -> dict[str, list[str]]:
@@ -34,7 +40,18 @@ def systems(model_dir: Path) -> dict[str, list[str]]:
     if TRITON_PY.is_file():
         cmds["triton"] = [str(TRITON_PY), str(REPO / "benchmarks" / "references" / "triton.py"),
                           "--model-dir", str(model_dir), "--workdir", str(WORK / "triton")]
+    for name, kind in FLOORS.items():
+        cmds[name] = [PY, "-m", "loadgen.null_server", "--kind", kind]
     return cmds
+
+
+def ort_us_per_row(model_dir: Path) -> dict[str, dict[str, float]]:
+    """ONNX Runtime's own cost on CPU 0 (benchmarks.ort_ceiling, the server's session options): us of CPU
+    per row by batch size, per model."""
+    out = sh(pinned(0, [PY, "-m", "benchmarks.ort_ceiling", "--model-dir", str(model_dir), "--min-time-s", "0.2"]),
+             600).stdout.strip().splitlines()[-1]
+    res = json.loads(out)
+    return {m: {b: 1e6 / v for b, v in res[f"{m}_per_cpu_s"].items()} for m in ("encoder", "decoder")}
 
 
 def cpu0_us_per_request(r: dict[str, Any]) -> float | None:
@@ -107,7 +124,9 @@ def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
             finally:
                 s.stop()
     summary = summarize(raw)
+    log("references: ONNX Runtime's own cost by batch size on CPU 0")
     return {"systems": names, "triton_missing": "triton" not in cmds, "rounds": rounds, "duration_s": duration_s,
+            "ort_us_per_row": ort_us_per_row(model_dir),
             "scenarios": [f"{m}/c{c}/b{b}" for m, c, b in SCENARIOS], "summary": summary,
             "commands": {n: " ".join(c) for n, c in cmds.items()}, "runs": raw}
 
@@ -134,6 +153,27 @@ def targets(ref: dict[str, Any]) -> list[Target]:
     return out
 
 
+def bounds(ref: dict[str, Any]) -> list[list[str]]:
+    """For each target against Triton: the best a grpc.aio server could do, doing nothing but the do-nothing
+    floor and ONNX Runtime at its cheapest batch size. Rows of (target, Triton us/req, floor us/req, ORT
+    us/req, bound us/req, best ratio, required, within reach)."""
+    s, ort = ref["summary"], ref.get("ort_us_per_row")
+    triton, floor = s.get("triton", {}), s.get("floor grpc.aio", {})
+    rows: list[list[str]] = []
+    if not triton or not floor or not ort:
+        return rows
+    for model in ("encoder", "decoder"):
+        for key, b, need in ((f"{model}/c64/b1", 1, 0.85), (f"{model}/c8/b64", 64, 1.2)):
+            t, f = triton.get(key, {}).get("cpu0_us_per_request"), floor.get(key, {}).get("cpu0_us_per_request")
+            if not t or not f:
+                continue
+            o = b * min(ort[model].values())
+            best = t / (f + o)
+            rows.append([key.replace("/", " "), f"{t:,.0f}", f"{f:,.0f}", f"{o:,.1f}", f"{f + o:,.0f}",
+                         f"{best:.2f}x", f"{need:g}x", "yes" if best >= need else "**no**"])
+    return rows
+
+
 def markdown(ref: dict[str, Any]) -> str:
     """The BENCHMARKS.md section."""
     s = ref["summary"]
@@ -155,6 +195,15 @@ def markdown(ref: dict[str, Any]) -> str:
                       f"{v.get('p50_ms') or 0:.2f}", f"{v.get('cpu0_us_per_request') or 0:,.0f}"]
         lines.append(f"| {key.replace('/', ' ')} | " + " | ".join(cells) + " |")
     lines += target_table("issue 13", "required", targets(ref))
+    b = bounds(ref)
+    if b:
+        lines += ["", ("What a grpc.aio server could reach at best, from this run: the do-nothing grpc.aio server's CPU "
+                  "per request (same client, same requests) plus ONNX Runtime's own CPU for the request's rows at "
+                  "its cheapest batch size (`benchmarks.ort_ceiling` on CPU 0), against Triton's CPU per request. "
+                  "On one saturated core, requests/s go as the inverse of CPU per request."), "",
+                  ("| target vs Triton | Triton us/req | do-nothing grpc.aio us/req | ORT us/req | bound us/req "
+                  "| best ratio | required | within reach |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| " + " | ".join(r) + " |" for r in b]
     return "\n".join(lines) + "\n"
 
 

@@ -196,7 +196,8 @@ def test_a_full_queue_is_resource_exhausted_over_oip(exported_model_dir: Path, m
             done.set()
 
         c.async_infer("encoder", [infer_input("x", x_batch(manifest, 3000))], callback)
-        time.sleep(0.02)
+        while s.metric("vae_queue_rows", model="encoder") == 0 and not done.is_set():
+            time.sleep(0.002)  # until the big request is queued; 3,000 single-row runs take 60-150 ms
         with pytest.raises(InferenceServerException) as e:
             c.infer("encoder", [infer_input("x", x_batch(manifest, 2000))])
         assert _status(e) == "StatusCode.RESOURCE_EXHAUSTED"
@@ -282,7 +283,8 @@ def test_a_full_queue_is_an_error_answer_on_the_stream_not_a_dead_stream(exporte
     try:
         c.start_stream(callback=answers)
         c.async_stream_infer("encoder", [infer_input("x", x_batch(manifest, 3000))], request_id="big")
-        time.sleep(0.05)
+        while s.metric("vae_queue_rows", model="encoder") == 0 and not answers.got:
+            time.sleep(0.002)  # until the big message is queued; 3,000 single-row runs take 60-150 ms
         c.async_stream_infer("encoder", [infer_input("x", x_batch(manifest, 2000))], request_id="refused")
         answers.wait(2, 60)
         c.async_stream_infer("encoder", [infer_input("x", x_batch(manifest, 1))], request_id="after")

@@ -323,16 +323,19 @@ def _binary_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 
 def test_a_full_queue_is_503_with_retry_after(exported_model_dir: Path, manifest: Manifest, tmp_path: Path) -> None:
-    s = start_server(exported_model_dir, tmp_path, "--max-batch-size", "1", "--max-queue-rows", "6000")
+    s = start_server(exported_model_dir, tmp_path, "--max-batch-size", "1", "--max-queue-rows", "12000",
+                     "--max-message-bytes", str(64 << 20))
     try:
-        body, headers = _binary_body(x_batch(manifest, 6000))  # one row per run: it queues for a while
+        # One row per run (~30 us each): 12,000 rows stay queued for a few tenths of a second.
+        body, headers = _binary_body(x_batch(manifest, 12000))
         results: list[int] = []
         t = threading.Thread(target=lambda: results.append(request(
             s.http_port, "POST", "/v2/models/encoder/infer", body, headers)[0]))
         t.start()
-        time.sleep(0.1)  # the big request is queued first (else it would be the one refused)
+        while s.metric("vae_queue_rows", model="encoder") == 0 and t.is_alive():
+            time.sleep(0.002)  # the big request is queued first (else it would be the one refused)
         seen: set[int] = set()
-        small, small_headers = _binary_body(x_batch(manifest, 1000))  # no room while the first 1000 rows queue
+        small, small_headers = _binary_body(x_batch(manifest, 6000))  # no room until half the big one ran
         while t.is_alive() and 503 not in seen:
             status, h, answer = request(s.http_port, "POST", "/v2/models/encoder/infer", small, small_headers)
             seen.add(status)
@@ -348,12 +351,14 @@ def test_a_full_queue_is_503_with_retry_after(exported_model_dir: Path, manifest
 @pytest.mark.parametrize("how", ["header", "parameter"])
 def test_deadlines_from_the_timeout_header_and_the_triton_parameter(
         exported_model_dir: Path, manifest: Manifest, tmp_path: Path, how: str) -> None:
-    s = start_server(exported_model_dir, tmp_path, "--max-batch-size", "1", "--max-queue-rows", "12000")
+    s = start_server(exported_model_dir, tmp_path, "--max-batch-size", "1", "--max-queue-rows", "12000",
+                     "--max-message-bytes", str(64 << 20))
     try:
-        body, headers = _binary_body(x_batch(manifest, 6000))  # keeps the runner busy for a while
+        body, headers = _binary_body(x_batch(manifest, 12000))  # single-row runs: busy for a few tenths of a second
         t = threading.Thread(target=lambda: request(s.http_port, "POST", "/v2/models/encoder/infer", body, headers))
         t.start()
-        time.sleep(0.1)
+        while s.metric("vae_queue_rows", model="encoder") == 0 and t.is_alive():
+            time.sleep(0.002)  # until the big request is queued
         small = _infer_body(manifest)
         if how == "header":
             status, _, answer = request(s.http_port, "POST", "/v2/models/encoder/infer",

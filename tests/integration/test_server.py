@@ -285,16 +285,17 @@ def test_a_full_queue_answers_resource_exhausted_at_once(slow_server: ServerProc
 
 def test_a_request_whose_deadline_expires_in_the_queue_is_not_computed(slow_server: ServerProcess,
                                                                        direct: Direct) -> None:
-    big, late = examples(direct, 2000), examples(direct, 3)
+    big, late = examples(direct, 3990), examples(direct, 3)  # 3,990 single-row runs: 80-200 ms
 
     async def go() -> grpc.StatusCode:
         async with grpc.aio.insecure_channel(slow_server.target) as ch:
             stub = pb_grpc.VaeServiceStub(ch)
             await stub.GetModelInfo(pb.GetModelInfoRequest())
             first = asyncio.ensure_future(stub.Encode(pb.EncodeRequest(x=to_tensor(big)), timeout=60))
-            await asyncio.sleep(0.02)
+            while slow_server.metric("vae_queue_rows", model="encoder") == 0 and not first.done():
+                await asyncio.sleep(0.002)  # until the big request is queued
             try:
-                await stub.Encode(pb.EncodeRequest(x=to_tensor(late)), timeout=0.05)
+                await stub.Encode(pb.EncodeRequest(x=to_tensor(late)), timeout=0.03)
                 code = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as e:
                 code = e.code()
@@ -311,7 +312,7 @@ def test_a_request_whose_deadline_expires_in_the_queue_is_not_computed(slow_serv
     dropped0 = sum(slow_server.metric("vae_rejections_total", model="encoder", reason=r)
                    for r in ("deadline", "cancelled"))
     assert asyncio.run(go()) == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert slow_server.metric("vae_rows_total", model="encoder") - rows0 == 2000  # the 3 late rows: never
+    assert slow_server.metric("vae_rows_total", model="encoder") - rows0 == 3990  # the 3 late rows: never
     assert sum(slow_server.metric("vae_rejections_total", model="encoder", reason=r)
                for r in ("deadline", "cancelled")) == dropped0 + 1
     # Counted under the status the client saw, not as a client cancellation.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pytest
 
 from serving.batcher import Batcher
-from serving.errors import DeadlineExpired, QueueFull, ShuttingDown
+from serving.errors import DeadlineExpired, InvalidInput, QueueFull, ShuttingDown
 from serving.metrics import Metrics
 
 
@@ -157,7 +158,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(
 
     async def body(b: Batcher) -> None:
         first = await hold_runner_busy(b, runner)
-        deadline = asyncio.get_running_loop().time() + 0.005
+        deadline = time.monotonic() + 0.005  # the batcher's clock
         late = asyncio.ensure_future(b.submit(rows(77, 2), deadline=deadline))
         ok = asyncio.ensure_future(b.submit(rows(5, 1)))
         await asyncio.sleep(0.02)
@@ -285,3 +286,74 @@ def test_a_batch_that_fills_while_gathering_runs_without_waiting_out_the_delay()
 
     run_with(runner, body, max_batch_size=4, max_queue_delay_us=30_000_000)
     assert [len(x) for x in runner.batches] == [1, 4]
+
+
+class ThreadRecordingRunner(FakeRunner):
+    """A FakeRunner that records which thread ran each batch."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__(fail)
+        self.threads: list[str] = []
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        return super().run(x)
+
+
+def test_small_batches_run_on_the_event_loop_and_larger_ones_on_the_runner_thread() -> None:
+    runner = ThreadRecordingRunner()
+
+    async def body(b: Batcher) -> None:
+        small = await b.submit(rows(0, 2))       # <= inline_rows: on the event loop
+        large = await b.submit(rows(10, 5))      # > inline_rows: on the runner thread
+        np.testing.assert_array_equal(small[0], rows(0, 2) * 2)
+        np.testing.assert_array_equal(large[0], rows(10, 5) * 2)
+        # Arrivals while an inline batch is being handled still merge into the next batch.
+        outs = await asyncio.gather(*(b.submit(rows(20 + i, 1)) for i in range(3)))
+        for i, out in enumerate(outs):
+            np.testing.assert_array_equal(out[0], rows(20 + i, 1) * 2)
+
+    metrics = run_with(runner, body, inline_rows=3)
+    loop_thread = threading.main_thread().name
+    assert runner.threads[:2] == [loop_thread, "runner-fake"]
+    assert all(t == loop_thread for t in runner.threads[2:])
+    assert sum(len(x) for x in runner.batches) == 10
+    assert sample_value(metrics, "vae_rows_total", model="encoder") == 10
+
+
+def test_a_failing_inline_run_fails_its_requests_and_the_batcher_keeps_serving() -> None:
+    runner = ThreadRecordingRunner(fail=True)
+
+    async def body(b: Batcher) -> None:
+        with pytest.raises(RuntimeError, match="exploded"):
+            await b.submit(rows(0, 1))
+        runner.fail = False
+        out = await b.submit(rows(3, 1))
+        np.testing.assert_array_equal(out[0], rows(3, 1) * 2)
+
+    run_with(runner, body, inline_rows=4)
+    assert runner.threads == [threading.main_thread().name] * 2
+
+
+def test_non_finite_outputs_of_an_inline_run_fail_only_their_request() -> None:
+    class Overflowing(ThreadRecordingRunner):
+        """Rows holding a value over 500 come out as Inf, as an overflowing model's would."""
+
+        def run(self, x: np.ndarray) -> list[np.ndarray]:
+            outs = super().run(x)
+            return [np.where(x > 500, np.float32(np.inf), outs[0]), outs[1]]
+
+    runner = Overflowing()
+
+    async def body(b: Batcher) -> None:
+        bad = rows(0, 1)
+        bad[0, 1] = 999
+        # Submitted in one event-loop pass: one batch of three.
+        done = await asyncio.gather(*(b.submit(x) for x in (rows(5, 1), bad, rows(7, 1))), return_exceptions=True)
+        np.testing.assert_array_equal(done[0][0], rows(5, 1) * 2)
+        assert isinstance(done[1], InvalidInput) and "row 0" in str(done[1])
+        np.testing.assert_array_equal(done[2][0], rows(7, 1) * 2)
+
+    run_with(runner, body, inline_rows=8)
+    assert [len(x) for x in runner.batches] == [3]
+    assert runner.threads == [threading.main_thread().name]
