@@ -18,7 +18,8 @@ request's model_name and id. The stream stays open after a failed message.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
@@ -30,7 +31,7 @@ from serving.errors import InvalidInput
 from serving.manifest import GraphSpec, TensorSpec
 from serving.metrics import Metrics
 from serving.rpc import StreamCodec, deadline_of, field_tag, length_delimited
-from serving.tensors import F32, fp32_contents_bytes, varint
+from serving.tensors import F32, fp32_contents_bytes, split_bytes_field, varint
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVER_NAME = "vae-serve"
@@ -105,6 +106,35 @@ class OipModels:
         return wanted
 
 
+# Requests larger than this have their raw tensors taken out of the wire bytes before parsing
+# (`parse_infer_request`); below it the scan costs more than the copies it saves.
+SPLIT_MIN_BYTES = 64 << 10
+_RAW_INPUTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+
+
+class _SplitInferRequest:
+    """A parsed ModelInferRequest whose `raw_input_contents` are views into the received bytes."""
+
+    __slots__ = ("_msg", "raw_input_contents")
+
+    def __init__(self, msg: pb.ModelInferRequest, raw: list[memoryview]) -> None:
+        self._msg = msg
+        self.raw_input_contents = raw
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._msg, name)
+
+
+def parse_infer_request(data: bytes) -> Any:
+    """ModelInferRequest from the wire, large raw tensors without a copy (a `_SplitInferRequest`, which
+    reads as the message). Raises DecodeError as FromString does."""
+    if len(data) >= SPLIT_MIN_BYTES:
+        split = split_bytes_field(data, _RAW_INPUTS)
+        if split is not None:
+            return _SplitInferRequest(pb.ModelInferRequest.FromString(split[0]), split[1])
+    return pb.ModelInferRequest.FromString(data)
+
+
 class InferResponseWriter:
     """Serialises a ModelInferResponse straight to its wire form, without building the message.
 
@@ -165,6 +195,8 @@ class OipServicer:
     """Open Inference Protocol over the shared core (registered by `serving.rpc.add_service`)."""
 
     streams = STREAMS
+    parsers: ClassVar[Mapping[str, Callable[[bytes], Any]]] = {
+        "ModelInfer": parse_infer_request, "ModelStreamInfer": parse_infer_request}
 
     def __init__(self, core: VaeCore, metrics: Metrics) -> None:
         self.core = core

@@ -4,7 +4,8 @@ An adapter (servicer.py, oip.py) is a class whose methods are named after a serv
 function each: `async def Encode(self, request, context) -> response`. `add_service` wraps each of them
 so that, in one place and the same way for every RPC (probes included):
 
-- the request arrives as bytes and is parsed here: a body that does not parse is INVALID_ARGUMENT with a
+- the request arrives as bytes and is parsed here (by protobuf, or by the adapter's own parser for that
+  method, listed in its optional `parsers`): a body that does not parse is INVALID_ARGUMENT with a
   short message (grpcio's own deserializer would answer UNKNOWN and log a traceback per request);
 - the response is serialised here (or returned as bytes by the adapter) and refused with
   RESOURCE_EXHAUSTED when it is larger than `--max-message-bytes` (grpcio would fail it after the
@@ -73,7 +74,9 @@ class StreamCodec:
 
 
 class Adapter(Protocol):
-    """What `add_service` needs of an adapter: its metrics and streams; the RPCs are its methods by name."""
+    """What `add_service` needs of an adapter: its metrics and streams; the RPCs are its methods by name. It
+    may also have `parsers`: method name -> a function from the request's bytes to what the method takes
+    (raising DecodeError on bytes that do not parse), in place of the request type's FromString."""
 
     metrics: Metrics
 
@@ -101,7 +104,7 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _parse(parse: Callable[[bytes], Message], data: bytes, request_type: str) -> Message:
+def _parse(parse: Callable[[bytes], Any], data: bytes, request_type: str) -> Any:
     try:
         return parse(data)
     except DecodeError:
@@ -128,10 +131,15 @@ def _failure(e: Exception, method: str, metrics: Metrics) -> tuple[grpc.StatusCo
     return status_for(e, method)
 
 
+def _parser(adapter: Adapter, method: MethodDescriptor) -> Callable[[bytes], Any]:
+    """How the requests of `method` are parsed: the adapter's own parser for it, else protobuf's."""
+    own = getattr(adapter, "parsers", {}).get(method.name)
+    return own if own is not None else GetMessageClass(method.input_type).FromString
+
+
 def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: Metrics,
-           max_response_bytes: int, budget: InflightBudget
+           max_response_bytes: int, budget: InflightBudget, parse: Callable[[bytes], Any]
            ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
-    parse = GetMessageClass(method.input_type).FromString
     name = method.name
     request_type = method.input_type.full_name
 
@@ -219,9 +227,8 @@ class _Stream:
 
 
 def _stream(method: MethodDescriptor, codec: StreamCodec, impl: Handler, mm: MethodMetrics, metrics: Metrics,
-            max_response_bytes: int, budget: InflightBudget, max_inflight: int
+            max_response_bytes: int, budget: InflightBudget, max_inflight: int, parse: Callable[[bytes], Any]
             ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
-    parse = GetMessageClass(method.input_type).FromString
     name = method.name
     request_type = method.input_type.full_name
     inner, ok, error = codec.inner, codec.ok, codec.error
@@ -294,13 +301,14 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, adapter: Ad
             mm = adapter.metrics.method_metrics(method.name, stream=True)
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(_stream(  # bytes in, bytes out
                 method, codec, getattr(adapter, codec.unary), mm, adapter.metrics, max_response_bytes, budget,
-                max_stream_inflight))
+                max_stream_inflight, _parser(adapter, method)))
             continue
         impl = getattr(adapter, method.name, None)
         if impl is None:
             raise TypeError(f"{type(adapter).__name__} does not implement {service.full_name}.{method.name}")
         mm = adapter.metrics.method_metrics(method.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _unary(method, impl, mm, adapter.metrics, max_response_bytes, budget))  # bytes in, bytes out
+            _unary(method, impl, mm, adapter.metrics, max_response_bytes, budget,
+                   _parser(adapter, method)))  # bytes in, bytes out
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

@@ -64,3 +64,61 @@ def fp32_contents_bytes(contents: Any) -> bytes | None:
     if i + length != len(wire):
         return None
     return wire[i:]
+
+
+def _read_varint(data: memoryview, i: int) -> tuple[int, int]:
+    """The varint at data[i:] and the index after it; IndexError or ValueError when it is cut or too long."""
+    value = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def split_bytes_field(data: bytes, number: int) -> tuple[bytes, list[memoryview]] | None:
+    """Take the top-level length-delimited field `number` out of a serialised message without copying it.
+
+    Returns (the message's other fields, still a valid serialisation of the same message type; the
+    field's values as views into `data`, in order), or None when the top level is anything but plain
+    varint, fixed and length-delimited fields that end exactly at the end of `data` (the caller then
+    parses the whole message, which reports what is wrong with it). Parsing a message copies every
+    bytes field, and reading one from the parsed message copies it again: for a large tensor in
+    `raw_input_contents` those two copies cost more than the rest of the request.
+    """
+    view = memoryview(data)
+    keep: list[memoryview] = []
+    values: list[memoryview] = []
+    i, n, start = 0, len(view), 0
+    try:
+        while i < n:
+            field_start = i
+            key, i = _read_varint(view, i)
+            wire = key & 7
+            if wire == 0:
+                _, i = _read_varint(view, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            elif wire == 2:
+                length, i = _read_varint(view, i)
+                if key >> 3 == number:
+                    if i + length > n:
+                        return None
+                    keep.append(view[start:field_start])
+                    values.append(view[i:i + length])
+                    start = i + length
+                i += length
+            else:
+                return None  # groups: leave them to protobuf
+            if i > n:
+                return None
+    except (IndexError, ValueError):
+        return None
+    keep.append(view[start:])
+    return b"".join(keep), values
