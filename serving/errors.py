@@ -115,10 +115,16 @@ GRPC_BY_HTTP: dict[int, grpc.StatusCode] = {
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 
 
+# A client whose deadline passes cancels its call (RST_STREAM) as the server's copy of the same deadline
+# passes, give or take the network's latency, and either can arrive first: within this much of the
+# deadline a cancellation is the deadline's.
+DEADLINE_MARGIN_S = 0.005
+
+
 def status_for_cancelled(time_remaining: float | None) -> grpc.StatusCode:
     """The code to count for a handler that grpc.aio cancelled: it does so both when the client cancels
-    and when the deadline passes; the time left tells them apart."""
-    if time_remaining is not None and time_remaining <= 0:
+    and when the deadline passes; the time left tells them apart (within `DEADLINE_MARGIN_S`)."""
+    if time_remaining is not None and time_remaining <= DEADLINE_MARGIN_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
 

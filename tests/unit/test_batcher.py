@@ -194,17 +194,6 @@ def test_a_cancelled_request_is_dropped_before_compute() -> None:
     assert sample_value(metrics, "vae_rejections_total", model="encoder", reason="cancelled") == 1
 
 
-def test_a_failing_run_fails_its_requests_and_the_batcher_keeps_serving() -> None:
-    runner = FakeRunner(fail=True)
-
-    async def body(b: Batcher) -> None:
-        with pytest.raises(RuntimeError, match="exploded"):
-            await b.submit(rows(0, 2))
-        runner.fail = False
-        out = await b.submit(rows(3, 1))
-        np.testing.assert_array_equal(out[0], rows(3, 1) * 2)
-
-    run_with(runner, body)
 
 
 def test_closing_fails_queued_requests_with_shutting_down() -> None:
@@ -321,18 +310,19 @@ def test_small_batches_run_on_the_event_loop_and_larger_ones_on_the_runner_threa
     assert sample_value(metrics, "vae_rows_total", model="encoder") == 10
 
 
-def test_a_failing_inline_run_fails_its_requests_and_the_batcher_keeps_serving() -> None:
+@pytest.mark.parametrize("inline_rows", [0, 4])  # on the runner thread, on the event loop
+def test_a_failing_run_fails_its_requests_and_the_batcher_keeps_serving(inline_rows: int) -> None:
     runner = ThreadRecordingRunner(fail=True)
 
     async def body(b: Batcher) -> None:
         with pytest.raises(RuntimeError, match="exploded"):
-            await b.submit(rows(0, 1))
+            await b.submit(rows(0, 2))
         runner.fail = False
         out = await b.submit(rows(3, 1))
         np.testing.assert_array_equal(out[0], rows(3, 1) * 2)
 
-    run_with(runner, body, inline_rows=4)
-    assert runner.threads == [threading.main_thread().name] * 2
+    run_with(runner, body, inline_rows=inline_rows)
+    assert runner.threads == [threading.main_thread().name if inline_rows else "runner-fake"] * 2
 
 
 def test_non_finite_outputs_of_an_inline_run_fail_only_their_request() -> None:

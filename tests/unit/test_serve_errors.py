@@ -14,6 +14,7 @@ from serving.errors import (
     QueueFull,
     ShuttingDown,
     status_for,
+    status_for_cancelled,
 )
 
 
@@ -42,3 +43,13 @@ def test_anything_unexpected_is_internal_with_a_generic_message_and_a_logged_tra
     assert code == grpc.StatusCode.INTERNAL and message == INTERNAL_MESSAGE
     assert "secret" not in message
     assert "unexpected error in Encode" in caplog.text and caplog.records[0].exc_info is not None
+
+
+@pytest.mark.parametrize(("remaining", "code"), [
+    (None, grpc.StatusCode.CANCELLED),               # no deadline: the client cancelled
+    (3.0, grpc.StatusCode.CANCELLED),                # long before its deadline
+    (0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (0.001, grpc.StatusCode.DEADLINE_EXCEEDED),      # the client's cancel at its deadline, arriving first
+])
+def test_a_cancelled_handler_counts_as_its_cause(remaining: float | None, code: grpc.StatusCode) -> None:
+    assert status_for_cancelled(remaining) == code
