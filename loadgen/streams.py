@@ -21,7 +21,7 @@ import grpc
 
 from serving._proto.inference import grpc_service_pb2 as oip_pb
 from serving._proto.vae.v1 import vae_service_pb2 as pb
-from serving.rpc import field_tag, length_delimited
+from serving.tensors import field_tag, length_delimited
 
 VAE = "/vae.v1.VaeService/"
 OIP_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"

@@ -22,7 +22,7 @@ from serving.budget import RESPONSE_COPIES, current_lease
 from serving.config import ServeConfig
 from serving.errors import InvalidInput, ResponseTooLarge
 from serving.metrics import Metrics
-from serving.runtime import LoadedModel
+from serving.runtime import CPU, LoadedModel
 from serving.tensors import F32
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -63,7 +63,7 @@ class VaeCore:
         self.latent_dim = self.manifest.latent_dim
         self.max_rows = config.max_queue_rows
         self.ready = False  # set by the server once both models are loaded, warmed up and serving
-        inline_rows = INLINE_ROWS_CPU if model.providers == ["CPUExecutionProvider"] else 0
+        inline_rows = INLINE_ROWS_CPU if model.providers == [CPU] else 0
         self.batchers = {
             runner.name: Batcher(runner, max_batch_size=config.max_batch_size,
                                  max_queue_delay_us=config.max_queue_delay_us, max_queue_rows=config.max_queue_rows,

@@ -30,8 +30,16 @@ from serving.core import VaeCore
 from serving.errors import InvalidInput
 from serving.manifest import GraphSpec, TensorSpec
 from serving.metrics import Metrics
-from serving.rpc import StreamCodec, deadline_of, field_tag, length_delimited
-from serving.tensors import F32, fp32_contents_bytes, split_bytes_field, varint
+from serving.rpc import StreamCodec, deadline_of
+from serving.tensors import (
+    F32,
+    FP32_CONTENTS_TAG,
+    field_tag,
+    fp32_contents_bytes,
+    length_delimited,
+    split_bytes_field,
+    varint,
+)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVER_NAME = "vae-serve"
@@ -171,7 +179,7 @@ class InferResponseWriter:
                 datas.append(data)
                 parts += (_OUTPUT, varint(len(tensor)), tensor)
             else:
-                fp32 = _FP32 + varint(len(data))  # InferTensorContents.fp32_contents, packed
+                fp32 = FP32_CONTENTS_TAG + varint(len(data))
                 contents = _CONTENTS + varint(len(fp32) + len(data))
                 parts += (_OUTPUT, varint(len(tensor) + len(contents) + len(fp32) + len(data)), tensor,
                           contents, fp32, data)
@@ -188,7 +196,6 @@ _OUTPUT = field_tag(pb.ModelInferResponse.DESCRIPTOR.fields_by_name["outputs"].n
 _RAW = field_tag(pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number)
 _SHAPE = field_tag(pb.ModelInferResponse.InferOutputTensor.DESCRIPTOR.fields_by_name["shape"].number)
 _CONTENTS = field_tag(pb.ModelInferResponse.InferOutputTensor.DESCRIPTOR.fields_by_name["contents"].number)
-_FP32 = field_tag(pb.InferTensorContents.DESCRIPTOR.fields_by_name["fp32_contents"].number)
 
 
 class OipServicer:

@@ -50,7 +50,6 @@ from google.protobuf.message_factory import GetMessageClass
 from serving.budget import REQUEST_COPIES, InflightBudget, Lease, current_lease
 from serving.errors import InvalidInput, ResponseTooLarge, status_for, status_for_cancelled
 from serving.metrics import MethodMetrics, Metrics
-from serving.tensors import varint
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +81,6 @@ class Adapter(Protocol):
 
     @property
     def streams(self) -> Mapping[str, StreamCodec]: ...
-
-
-def field_tag(number: int) -> bytes:
-    """The wire tag of length-delimited field `number` (a message, string or bytes field)."""
-    return varint((number << 3) | 2)
-
-
-def length_delimited(tag: bytes, payload: bytes) -> bytes:
-    """One length-delimited protobuf field on the wire: `tag` (from `field_tag`), length, payload.
-
-    Lets a stream answer wrap an already serialised response without parsing it back into a message
-    (concatenated fields are a valid message in protobuf's wire format). Costs one copy of `payload`.
-    """
-    return tag + varint(len(payload)) + payload
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

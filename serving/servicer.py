@@ -18,8 +18,8 @@ from google.protobuf.message_factory import GetMessageClass
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving.core import VaeCore
 from serving.metrics import Metrics
-from serving.rpc import StreamCodec, deadline_of, field_tag, length_delimited
-from serving.tensors import to_tensor
+from serving.rpc import StreamCodec, deadline_of
+from serving.tensors import field_tag, length_delimited, to_tensor
 
 SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"]
 

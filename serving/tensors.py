@@ -1,4 +1,6 @@
-"""vae.v1.Tensor <-> numpy: shape plus raw little-endian float32 bytes. Shared by server, client and bench.
+"""vae.v1.Tensor <-> numpy: shape plus raw little-endian float32 bytes; and the protobuf wire helpers
+(varints, length-delimited fields, OIP fp32_contents, splitting a bytes field out without a copy). Shared
+by server, client and bench.
 
 Imports only numpy and the generated messages, so the client and the load generator stay light.
 """
@@ -30,7 +32,6 @@ def from_tensor(t: pb.Tensor) -> np.ndarray:
 # little-endian float32 bytes. Going through the wire form keeps every element in C (upb): turning the
 # repeated field into a Python list and back costs about 1 s per million values on the event loop.
 _FP32_FIELD = 6
-_FP32_TAG = (_FP32_FIELD << 3) | 2  # wire type 2: length-delimited (packed)
 
 
 def varint(n: int) -> bytes:
@@ -45,22 +46,32 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def field_tag(number: int) -> bytes:
+    """The wire tag of length-delimited field `number` (a message, string or bytes field)."""
+    return varint((number << 3) | 2)
+
+
+def length_delimited(tag: bytes, payload: bytes) -> bytes:
+    """One length-delimited protobuf field on the wire: `tag` (from `field_tag`), length, payload.
+
+    Lets a stream answer wrap an already serialised response without parsing it back into a message
+    (concatenated fields are a valid message in protobuf's wire format). Costs one copy of `payload`.
+    """
+    return tag + varint(len(payload)) + payload
+
+
+FP32_CONTENTS_TAG = field_tag(_FP32_FIELD)  # InferTensorContents.fp32_contents, packed (wire type 2)
+
+
 def fp32_contents_bytes(contents: Any) -> bytes | None:
     """The float32 bytes of an InferTensorContents holding fp32_contents only; None if it holds another
     typed field too (the caller names that as the error)."""
     wire = contents.SerializeToString()
     if not wire:
         return b""
-    if wire[0] != _FP32_TAG:
+    if wire[:1] != FP32_CONTENTS_TAG:
         return None
-    length, shift, i = 0, 0, 1
-    while True:  # the varint length after the tag
-        b = wire[i]
-        length |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            break
-        shift += 7
+    length, i = _read_varint(memoryview(wire), 1)  # the payload's length, after the tag
     if i + length != len(wire):
         return None
     return wire[i:]

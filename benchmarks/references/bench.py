@@ -29,6 +29,8 @@ SCENARIOS: list[tuple[str, int, int]] = [("encoder", 64, 1), ("decoder", 64, 1),
                                          ("decoder", 8, 64), ("encoder", 1, 1), ("decoder", 1, 1)]
 
 
+# Issue 13's targets against Triton: load (concurrency/rows per request) -> the least ratio to Triton.
+TRITON_TARGETS: dict[str, float] = {"c64/b1": 0.85, "c8/b64": 1.2}
 # Do-nothing servers (loadgen.null_server: answer every call with an empty message, parse nothing), run like
 # the systems: the floor under any server of that grpcio kind, for this client and these requests.
 FLOORS: dict[str, str] = {"floor grpc.aio": "aio-uvloop", "floor sync-4": "sync-4"}
@@ -143,7 +145,7 @@ def targets(ref: dict[str, Any]) -> list[Target]:
     out: list[Target] = []
     for model in ("encoder", "decoder"):
         for key, metric, unit in ((f"{model}/c64/b1", "requests_per_s", "req/s"), (f"{model}/c8/b64", "rows_per_s", "rows/s")):
-            need_triton = 0.85 if key.endswith("c64/b1") else 1.2
+            need_triton = TRITON_TARGETS[key.split("/", 1)[1]]
             for who, other, need in (("naive", naive, 1.0), ("Triton", triton, need_triton)):
                 r = ratio(ours, other, key, metric)
                 out.append((f"{key.replace('/', ' ')} {unit}: vae-serve / {who}", r, need,
@@ -163,7 +165,8 @@ def bounds(ref: dict[str, Any]) -> list[list[str]]:
     if not triton or not floor or not ort:
         return rows
     for model in ("encoder", "decoder"):
-        for key, b, need in ((f"{model}/c64/b1", 1, 0.85), (f"{model}/c8/b64", 64, 1.2)):
+        for load, need in TRITON_TARGETS.items():
+            key, b = f"{model}/{load}", int(load.rsplit("/b", 1)[1])
             t, f = triton.get(key, {}).get("cpu0_us_per_request"), floor.get(key, {}).get("cpu0_us_per_request")
             if not t or not f:
                 continue
