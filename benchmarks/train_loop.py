@@ -6,9 +6,9 @@ All loops train MLP 784-400-20 (the example's model; `--data digits` gives 64-40
 the same number of torch threads (--threads, default 1); only the loop differs:
 
 A  training.fit.train_one_epoch with the defaults (`--backward auto`, here the hand-written step of
-   training/mlp_step.py): the split is one tensor in memory, gathered once per epoch and sliced into
-   batches; the forward, the ELBO and the backward in plain tensor ops writing into each `.grad`; the fused
-   Adam kernel (training.fit.make_optimizer);
+   training/mlp_step.py): the split is one tensor in memory, each step's batch one `index_select` of its
+   rows, the noise drawn for 32 steps at a time; the forward, the ELBO and the backward in plain tensor ops
+   writing into each `.grad`; the fused Adam kernel (training.fit.make_optimizer);
 A' the same loop with `--backward autograd`: one encoder Linear for (mu, logvar), BCE on logits, autograd;
 B  pytorch/examples vae/main.py's train() (benchmarks/train_recipes.py): DataLoader over a TensorDataset
    (per-example indexing and collate), separate fc21/fc22 heads, sigmoid then BCE, the default Adam,

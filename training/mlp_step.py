@@ -67,7 +67,9 @@ class MlpElboStep:
     and KL over the batch (the metrics the autograd path accumulates), after `opt.step()`.
 
     Keeps references to the parameters, whose `.grad` tensors it owns from here on (overwritten each step,
-    never zeroed: every element is written).
+    never zeroed: every element is written). An instance serves one epoch (train_one_epoch makes one): once
+    Adam's state exists it keeps the lists of state tensors, so anything that replaces them
+    (`opt.load_state_dict`) needs a new instance.
     """
 
     def __init__(self, vae: VAE, opt: torch.optim.Optimizer, free_bits: float, grad_clip: float) -> None:
@@ -81,13 +83,19 @@ class MlpElboStep:
         for p in vae.parameters():
             if p.grad is None or p.grad.shape != p.shape:
                 p.grad = torch.zeros_like(p)
-        self.params = list(vae.parameters())
+        self.params: list[Tensor] = list(vae.parameters())
         self.direct_adam = _plain_fused_adam(opt)
+        self._vectors: dict[tuple[int, float], Tensor] = {}
+        self._adam_lists: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
+        # transposed views of the weights for the forward products (views: Adam's in-place updates show)
+        self.enc_wt = [lin.weight.t() for lin in self.enc]
+        self.dec_wt = [lin.weight.t() for lin in self.dec]
 
     @torch.no_grad()
-    def step(self, x: Tensor, eps: Tensor, kl_weight: float) -> Tensor:
-        """x (B, *shape) in [0, 1]; eps (B, d) ~ N(0, I). Gradients, clipping, the optimiser's step."""
-        sums = self.gradients(x, eps, kl_weight)
+    def step(self, x: Tensor, eps: Tensor, kl_weight: float, out: Tensor | None = None) -> Tensor:
+        """x (B, *shape) in [0, 1]; eps (B, d) ~ N(0, I). Gradients, clipping, the optimiser's step. The sums
+        are written into `out` (2,) when given."""
+        sums = self.gradients(x, eps, kl_weight, out)
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self._optimizer_step()
@@ -95,30 +103,36 @@ class MlpElboStep:
 
     def _optimizer_step(self) -> None:
         """`opt.step()`; for a plain fused Adam whose state exists, its kernel directly (what `step` calls)."""
-        states = [self.opt.state.get(p) for p in self.params] if self.direct_adam else []
-        if not (states and all(states)):
-            self.opt.step()  # the first step creates Adam's state
-            return
+        if self._adam_lists is None:
+            found = [self.opt.state.get(p) for p in self.params] if self.direct_adam else []
+            states: list[dict[str, Tensor]] = [st for st in found if st]
+            if not states or len(states) != len(self.params):
+                self.opt.step()  # the first step creates Adam's state
+                return
+            # nothing but this step touches the optimiser within an epoch: the lists hold for the epoch
+            grads = [p.grad for p in self.params if p.grad is not None]
+            self._adam_lists = (grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                                [st["step"] for st in states])
+        grads, exp_avgs, exp_avg_sqs, steps = self._adam_lists
         group = self.opt.param_groups[0]
-        steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1)
-        torch._fused_adam_(self.params, [p.grad for p in self.params], [st["exp_avg"] for st in states],
-                           [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
+        torch._fused_adam_(self.params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
                            beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
                            eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
 
     @torch.no_grad()
-    def gradients(self, x: Tensor, eps: Tensor, kl_weight: float) -> Tensor:
-        """Every parameter's `.grad` for the batch; returns the sums (2,) of log P(x|z) and KL."""
+    def gradients(self, x: Tensor, eps: Tensor, kl_weight: float, out: Tensor | None = None) -> Tensor:
+        """Every parameter's `.grad` for the batch; returns the sums (2,) of log P(x|z) and KL (in `out` if
+        given)."""
         b, d = x.shape[0], self.d
         inv = 1.0 / b
         x = x.reshape(b, -1)  # (B, D)
         # forward: acts[i] is the input of Linear i (post-ReLU), kept for its weight gradient
         enc_in: list[Tensor] = []
         h = x
-        for i, lin in enumerate(self.enc):
+        for i, (lin, wt) in enumerate(zip(self.enc, self.enc_wt, strict=True)):
             enc_in.append(h)
-            h = torch.addmm(lin.bias, h, lin.weight.t())
+            h = torch.addmm(lin.bias, h, wt)
             if i < len(self.enc) - 1:
                 h.relu_()
         mu, logvar = h[:, :d], h[:, d:]  # (B, d) each
@@ -126,48 +140,51 @@ class MlpElboStep:
         z = torch.addcmul(mu, std, eps)  # (B, d)
         dec_in: list[Tensor] = []
         h = z
-        for i, lin in enumerate(self.dec):
+        for i, (lin, wt) in enumerate(zip(self.dec, self.dec_wt, strict=True)):
             dec_in.append(h)
             last = i == len(self.dec) - 1
             # the last layer gives -logits (beta = alpha = -1): sigmoid(-l) = 1 - s then needs no negation
-            h = torch.addmm(lin.bias, h, lin.weight.t(), beta=-1 if last else 1, alpha=-1 if last else 1)
+            h = torch.addmm(lin.bias, h, wt, beta=-1 if last else 1, alpha=-1 if last else 1)
             if not last:
                 h.relu_()
         neg_logits = h  # (B, D)
 
-        # sum_b log P(x|z) = sum x*l - softplus(l), and softplus(l) = -log sigmoid(-l): one sigmoid serves the
+        # sum_b log P(x|z) = sum x*l - softplus(l), and -softplus(l) = log sigmoid(-l): one sigmoid serves the
         # metric and the gradient (softplus costs 3x a sigmoid here). sigmoid(-l) is 0 only past l = 88,
-        # where log gives -inf: then softplus itself.
+        # where log gives -inf: then logsigmoid itself.
         sig_neg = torch.sigmoid(neg_logits)  # (B, D) 1 - s
-        softplus_sum = torch.log(sig_neg).sum().neg_()
-        if not math.isfinite(float(softplus_sum)):
-            softplus_sum = F.softplus(neg_logits.neg()).sum()
-        log_lik = -torch.dot(x.reshape(-1), neg_logits.reshape(-1)) - softplus_sum
-        var = std * std
-        kl_dims = torch.addcmul(var - logvar - 1.0, mu, mu).sum(0).mul_(0.5)  # (d,) summed over the batch
-        sums = torch.stack([log_lik, kl_dims.sum()])
+        log_sig_sum = torch.log(sig_neg).sum()
+        if not math.isfinite(float(log_sig_sum)):
+            log_sig_sum = F.logsigmoid(neg_logits).sum()
+        log_lik = torch.sub(log_sig_sum, torch.dot(x.reshape(-1), neg_logits.reshape(-1)))
+        var_m1 = torch.expm1(logvar)  # (B, d) var - 1
+        kl_dims = torch.addcmul(var_m1 - logvar, mu, mu).sum(0).mul_(0.5)  # (d,) summed over the batch
+        sums = torch.stack([log_lik, kl_dims.sum()], out=out)
 
         # backward of the reconstruction term: d loss / d logits = (s - x) / B = -(sig_neg + x - 1) / B,
         # the factor -1/B applied inside the products
         g = sig_neg.add_(x).sub_(1.0)  # (B, D)
         g = self._linear_backward(self.dec, dec_in, g, -inv, need_input_grad=True)  # (B, d) d loss / dz
-        # backward of the KL term and the reparameterisation
-        w = kl_weight * inv
-        d_enc = torch.empty((b, 2 * d), dtype=x.dtype, device=x.device)  # (B, 2d): (dmu, dlogvar)
-        dlv = (g * eps).mul_(std)  # (B, d)
+        # backward of the KL term and the reparameterisation: dmu = dz + w mu, dlogvar = (dz eps std + w (var - 1)) / 2
+        w: float | Tensor = kl_weight * inv
         if self.free_bits > 0:  # a dimension held at its floor contributes a constant: no gradient
-            wj = (kl_dims * inv >= self.free_bits).to(x.dtype).mul_(w)  # (d,)
-            torch.addcmul(g, mu, wj, out=d_enc[:, :d])
-            dlv.addcmul_(var - 1.0, wj)
-        else:
-            torch.add(g, mu, alpha=w, out=d_enc[:, :d])
-            dlv.add_(var, alpha=w).sub_(w)
-        d_enc[:, d:] = dlv.mul_(0.5)
+            w = (kl_dims * inv >= self.free_bits).to(x.dtype).mul_(w)  # (d,)
+        dmu = torch.addcmul(g, mu, w) if isinstance(w, Tensor) else torch.add(g, mu, alpha=w)
+        dlv = torch.addcmul(var_m1.mul_(w).mul_(0.5) if isinstance(w, Tensor) else var_m1.mul_(0.5 * w),
+                            g * eps, std, value=0.5)
+        d_enc = torch.cat([dmu, dlv], 1)  # (B, 2d)
         self._linear_backward(self.enc, enc_in, d_enc, 1.0, need_input_grad=False)
         return sums
 
-    @staticmethod
-    def _linear_backward(linears: list[nn.Linear], inputs: list[Tensor], g: Tensor, scale: float,
+    def _filled(self, n: int, value: float, like: Tensor) -> Tensor:
+        """A cached (n,) vector of `value`."""
+        key = (n, value)
+        v = self._vectors.get(key)
+        if v is None:
+            v = self._vectors[key] = torch.full((n,), value, dtype=like.dtype, device=like.device)
+        return v
+
+    def _linear_backward(self, linears: list[nn.Linear], inputs: list[Tensor], g: Tensor, scale: float,
                          need_input_grad: bool) -> Tensor:
         """Gradients of a Linear-ReLU chain into each `.grad`, from `scale * g` = d loss / d output (B, out);
         returns d loss / d input when asked (else the last g). The scale rides along unapplied (the chain is
@@ -175,12 +192,11 @@ class MlpElboStep:
         for i in range(len(linears) - 1, -1, -1):
             lin, h = linears[i], inputs[i]
             assert lin.weight.grad is not None and lin.bias.grad is not None
-            torch.addmm(lin.weight.grad, g.t(), h, beta=0, alpha=scale, out=lin.weight.grad)
-            torch.sum(g, 0, out=lin.bias.grad)
-            if scale != 1.0:
-                lin.bias.grad.mul_(scale)
+            gt = g.t()
+            torch.addmm(lin.weight.grad, gt, h, beta=0, alpha=scale, out=lin.weight.grad)
+            torch.mv(gt, self._filled(g.shape[0], scale, g), out=lin.bias.grad)  # scale * sum_b g
             if i > 0:
                 g = torch.ops.aten.threshold_backward(torch.mm(g, lin.weight), h, 0)  # (B, in) through the ReLU
             elif need_input_grad:
-                g = torch.mm(g, lin.weight).mul_(scale)  # (B, in)
+                g = torch.addmm(h, g, lin.weight, beta=0, alpha=scale)  # (B, in); h only gives the shape
         return g

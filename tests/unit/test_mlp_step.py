@@ -91,3 +91,64 @@ def test_logits_past_the_sigmoids_float32_range_still_give_the_true_log_likeliho
     sums = MlpElboStep(vae, torch.optim.Adam(vae.parameters()), 0.0, 0.0).gradients(x, eps, 1.0)
     assert torch.isfinite(sums).all()
     torch.testing.assert_close(sums, expected_sums)
+
+
+class _Recording(torch.nn.Module):
+    """The VAE, recording the batches and noise each autograd step gives it."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor):  # type: ignore[no-untyped-def]
+        self.seen.append((x.clone(), eps.clone()))
+        return self.vae(x, eps)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_an_epoch_gives_every_step_its_own_batch_and_fresh_noise_and_sums_every_step(objective: str) -> None:
+    """More steps than one draw of noise covers (fit.NOISE_STEPS) and a short last batch: each step gets the rows
+    its slice of the shard names, noise of its own shape never reused, and the epoch's sums are its steps'."""
+    from training import fit
+
+    n, b = (fit.NOISE_STEPS + 3) * 4 + 2, 4  # 35 full batches and one of 2
+    config = TrainConfig(hidden=(8,), latent_dim=3, batch_size=b, objective=objective, iwae_k=2,  # type: ignore[arg-type]
+                         backward="autograd").resolved(5, n)
+    torch.manual_seed(0)
+    vae = VAE(config, (5,))
+    model = _Recording(vae)
+    opt = fit.make_optimizer(vae, config, torch.device("cpu"))
+    x_train = torch.rand(n, 5)
+    shard = torch.randperm(n)
+    sums, taken = fit.train_one_epoch(model, vae, opt, x_train, shard, b, config, 0,
+                                      fit.noise_generator(0, 0, 0, torch.device("cpu")))
+    steps = -(-n // b)
+    assert taken == len(model.seen) == steps
+    for i, (x, eps) in enumerate(model.seen):
+        torch.testing.assert_close(x, x_train[shard[i * b:(i + 1) * b]], rtol=0, atol=0)
+        rows = len(x)
+        assert eps.shape == ((2, rows, 3) if objective == "iwae" else (rows, 3))
+    noise = torch.cat([eps.reshape(-1) for _, eps in model.seen])
+    assert len(torch.unique(noise)) == len(noise)  # no value drawn twice: no step reuses another's noise
+    assert abs(float(noise.mean())) < 0.15 and abs(float(noise.std()) - 1.0) < 0.1
+    assert float(sums["n"]) == n
+    assert torch.isfinite(sums["log_lik"]) and float(sums["kl"]) > 0
+
+
+def test_the_manual_step_writes_its_sums_where_asked_and_keeps_working_across_batch_sizes() -> None:
+    torch.manual_seed(3)
+    config = TrainConfig(hidden=(16,), latent_dim=3)
+    vae = VAE(config, (10,))
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3, fused=True)
+    step = MlpElboStep(vae, opt, 0.0, 0.0)
+    out = torch.zeros(3, 2)
+    for i, rows in enumerate((7, 7, 3)):  # the first step creates Adam's state, the last is a short batch
+        x, eps = torch.rand(rows, 10), torch.randn(rows, 3)
+        reference = VAE(config, (10,))
+        reference.load_state_dict(vae.state_dict())
+        _, expected = _autograd_reference(reference, x, eps, 1.0, 0.0)
+        returned = step.step(x, eps, 1.0, out=out[i])
+        assert returned.data_ptr() == out[i].data_ptr()
+        torch.testing.assert_close(out[i], expected)
+    assert all(float(st["step"]) == 3 for st in opt.state.values())
