@@ -276,10 +276,18 @@ def training_sections(tr: dict[str, Any]) -> list[str]:
     if tl_path.is_file():
         tl = json.loads(tl_path.read_text())
         eps, cpu = tl["examples_per_s"], tl.get("examples_per_cpu_s", {})
-        loops = {"A_training_fit": f"A: training.fit's loop, the defaults (`--backward {tl.get('backward', {}).get('A_training_fit', 'autograd')}`)",
-                 "A_autograd": "A': training.fit's loop, `--backward autograd`",
-                 "B_pytorch_examples": "B: the pytorch/examples loop",
-                 "matmuls_only": "the step's 11 matrix products alone (a bound on any loop)"}
+        prec = tl.get("matmul_precision", {})
+
+        def at(k: str) -> str:
+            return f", `--matmul-precision {prec[k]}`" if k in prec else ""
+
+        loops = {"A_training_fit": f"A: training.fit's loop, the defaults (`--backward {tl.get('backward', {}).get('A_training_fit', 'autograd')}`{at('A_training_fit')})",
+                 "A_float32": f"A float32: the same loop{at('A_float32')} (B's arithmetic)",
+                 "A_autograd": f"A': training.fit's loop, `--backward autograd`{at('A_autograd')}",
+                 "B_pytorch_examples": "B: the pytorch/examples loop, as it runs (float32 products)",
+                 "B_pytorch_examples_same_precision": f"B given A's products (`torch.set_float32_matmul_precision('{prec.get('B_pytorch_examples_same_precision', '')}')`)",
+                 "matmuls_only": f"the step's 11 matrix products alone{at('matmuls_only')} (a bound on any loop)",
+                 "matmuls_only_float32": f"the step's 11 matrix products alone{at('matmuls_only_float32')}"}
         out += ["### Hot loop speed", "",
                 (f"`{tr['train_loop_command']}` (benchmarks/train_loop.py, {tl.get('date', 'run of 2026-12-01 23:56 UTC')}; {tl['data']}, "
                  f"{tl['train_examples']} examples, batch {tl['batch_size']}, model {tl['model']}, "
@@ -292,7 +300,12 @@ def training_sections(tr: dict[str, Any]) -> list[str]:
                 for k, v in eps.items()]
         line = f"training.fit's loop is {tl['ratio_A_over_B']:.2f}x the pytorch/examples loop (target: 2x)"
         if "ratio_A_over_B_cpu" in tl:
-            line += (f"; {tl['ratio_A_over_B_cpu']:.2f}x per CPU-second; with autograd {tl['ratio_A_autograd_over_B']:.2f}x; "
+            line += f"; {tl['ratio_A_over_B_cpu']:.2f}x per CPU-second"
+            if "ratio_A_float32_over_B" in tl:
+                line += f"; with float32 products like B's {tl['ratio_A_float32_over_B']:.2f}x"
+            if "ratio_A_over_B_same_precision" in tl:
+                line += f"; against B given the same products {tl['ratio_A_over_B_same_precision']:.2f}x"
+            line += (f"; with autograd {tl['ratio_A_autograd_over_B']:.2f}x; "
                      f"the matrix products alone run at {tl['ratio_floor_over_B']:.2f}x")
         out += ["", line + ".", ""]
     if TRAIN_ANALYSIS.is_file():

@@ -6,14 +6,18 @@ All loops train MLP 784-400-20 (the example's model; `--data digits` gives 64-40
 the same number of torch threads (--threads, default 1); only the loop differs:
 
 A  training.fit.train_one_epoch with the defaults (`--backward auto`, here the hand-written step of
-   training/mlp_step.py): the split is one tensor in memory, each step's batch one `index_select` of its
-   rows, the noise drawn for 32 steps at a time; the forward, the ELBO and the backward in plain tensor ops
-   writing into each `.grad`; the fused Adam kernel (training.fit.make_optimizer);
+   training/mlp_step.py; `--matmul-precision auto`, on a CPU with AMX-BF16 the products from bfloat16
+   operands): the split is one tensor in memory, each step's batch one `index_select` of its rows, the
+   noise drawn for 32 steps at a time; the forward, the ELBO and the backward in plain tensor ops writing
+   into each `.grad`; the fused Adam kernel (training.fit.make_optimizer);
+A float32  the same with `--matmul-precision highest` (B's arithmetic: what the loop alone gains);
 A' the same loop with `--backward autograd`: one encoder Linear for (mu, logvar), BCE on logits, autograd;
 B  pytorch/examples vae/main.py's train() (benchmarks/train_recipes.py): DataLoader over a TensorDataset
    (per-example indexing and collate), separate fc21/fc22 heads, sigmoid then BCE, the default Adam,
-   `loss.item()` every step;
-and, as a bound, the eleven matrix products of a step alone (`matmuls_only`, no loop can beat it).
+   `loss.item()` every step, PyTorch's default float32 products; where A's default differs, B is also run
+   with A's products (`B_pytorch_examples_same_precision`), so no ratio hides the precision;
+and, as a bound, the eleven matrix products of a step alone (`matmuls_only`, at A's precision, and at
+float32 where that differs: no loop can beat them).
 
 The loops take turns in one process (A, A', B, A, A', B, ...; each turn a fresh model and optimiser) so
 drift in machine load hits all of them; the medians are reported, of wall-clock examples/s and of examples
@@ -41,12 +45,14 @@ from benchmarks.train_recipes import MNIST, ExampleVAE, example_train_epoch
 from training import distributed as D
 from training.config import TrainConfig
 from training.data import load_data
-from training.fit import make_optimizer, noise_generator, train_one_epoch
+from training.fit import float32_matmul_precision, make_optimizer, noise_generator, train_one_epoch
 from training.model import VAE
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_loop.json"
 BATCH = 128
-FLOOR = "matmuls_only"
+A, A_FP32, B = "A_training_fit", "A_float32", "B_pytorch_examples"
+B_SAME = "B_pytorch_examples_same_precision"  # B with A's default matmul precision
+FLOOR, FLOOR_FP32 = "matmuls_only", "matmuls_only_float32"
 
 
 def matmul_floor(n_in: int, hidden: int, latent: int) -> Callable[[], None]:
@@ -80,13 +86,19 @@ def main() -> None:
     config = TrainConfig(data=args.data, hidden=(400,), latent_dim=20, batch_size=BATCH, lr=1e-3,
                          lr_schedule="constant", lr_warmup_epochs=0)
     x_train = load_data(config).train  # (N, D) in [0, 1]
-    configs = {"A_training_fit": config.resolved(x_train.shape[1], len(x_train)),  # as training.fit resolves it
-               "A_autograd": dataclasses.replace(config, backward="autograd").resolved(x_train.shape[1], len(x_train))}
+    n, n_in = len(x_train), x_train.shape[1]
+    configs = {A: config.resolved(n_in, n),  # as training.fit resolves it on this machine
+               A_FP32: dataclasses.replace(config, matmul_precision="highest").resolved(n_in, n),
+               "A_autograd": dataclasses.replace(config, backward="autograd").resolved(n_in, n)}
+    default_precision = configs[A].matmul_precision
+    # B as the example runs it (PyTorch's default float32 products), and with A's default products if those differ
+    examples = {B: "highest"} | ({B_SAME: default_precision} if default_precision != "highest" else {})
+    floors = {FLOOR: default_precision} | ({FLOOR_FP32: "highest"} if default_precision != "highest" else {})
     dataset = TensorDataset(x_train)
     ctx = D.DistContext()
     cpu = torch.device("cpu")
-    floor = matmul_floor(x_train.shape[1], 400, 20)
-    names = [*configs, "B_pytorch_examples", FLOOR]
+    floor = matmul_floor(n_in, 400, 20)
+    names = [*configs, *examples, *floors]
     wall: dict[str, list[float]] = {k: [] for k in names}
     cpu_time: dict[str, list[float]] = {k: [] for k in names}
     for rep in range(args.repeats + 1):  # turn 0 warms every path up and is discarded
@@ -94,60 +106,68 @@ def main() -> None:
             torch.manual_seed(rep)
             if name in configs:
                 c = configs[name]
-                vae = VAE(c, (x_train.shape[1],))
+                vae = VAE(c, (n_in,))
                 opt = make_optimizer(vae, c, cpu)
-            elif name != FLOOR:
-                ex = ExampleVAE(x_train.shape[1])
+            elif name in examples:
+                ex = ExampleVAE(n_in)
                 ex_opt = torch.optim.Adam(ex.parameters(), lr=1e-3)
                 loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
             t0, c0 = time.perf_counter(), time.process_time()
             for e in range(args.epochs_per_repeat):
-                if name == FLOOR:
-                    for _ in range(-(-len(x_train) // BATCH)):
-                        floor()
-                elif name in configs:
-                    shard = D.epoch_shard(len(x_train), c.seed + rep, e, ctx)
+                if name in floors:
+                    with float32_matmul_precision(floors[name]):
+                        for _ in range(-(-n // BATCH)):
+                            floor()
+                elif name in configs:  # train_one_epoch sets the config's precision itself
+                    shard = D.epoch_shard(n, c.seed + rep, e, ctx)
                     train_one_epoch(vae, vae, opt, x_train, shard, BATCH, c, e,
                                     noise_generator(c.seed + rep, e, 0, cpu))
                 else:
-                    example_train_epoch(ex, ex_opt, loader)
+                    with float32_matmul_precision(examples[name]):
+                        example_train_epoch(ex, ex_opt, loader)
             if rep:
-                n = args.epochs_per_repeat * len(x_train)
-                wall[name].append(n / (time.perf_counter() - t0))
-                cpu_time[name].append(n / (time.process_time() - c0))
+                done = args.epochs_per_repeat * n
+                wall[name].append(done / (time.perf_counter() - t0))
+                cpu_time[name].append(done / (time.process_time() - c0))
     med = {k: statistics.median(v) for k, v in wall.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu_time.items()}
-    b = "B_pytorch_examples"
     result = {
-        "benchmark": "training examples/s, training.fit's loop (A: defaults; A': --backward autograd) vs "
-                     "pytorch/examples vae/main.py's loop (B)",
+        "benchmark": "training examples/s, training.fit's loop (A: defaults; A float32: --matmul-precision highest; "
+                     "A': --backward autograd) vs pytorch/examples vae/main.py's loop (B)",
         "command": "python -m benchmarks.train_loop " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-        "data": args.data.replace(str(MNIST), "../shared/data/mnist"), "train_examples": len(x_train),
+        "data": args.data.replace(str(MNIST), "../shared/data/mnist"), "train_examples": n,
         "batch_size": BATCH, "model": {"arch": "mlp", "hidden": [400], "latent_dim": 20},
         "backward": {k: c.backward for k, c in configs.items()},
+        "matmul_precision": {k: c.matmul_precision for k, c in configs.items()} | examples | floors,
         "repeats": args.repeats, "epochs_per_repeat": args.epochs_per_repeat, "torch_threads": args.threads,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
         "examples_per_s": {k: {"median": med[k], "runs": v} for k, v in wall.items()},
         "examples_per_cpu_s": {k: {"median": med_cpu[k], "runs": v} for k, v in cpu_time.items()},
-        "ratio_A_over_B": med["A_training_fit"] / med[b],
-        "ratio_A_over_B_cpu": med_cpu["A_training_fit"] / med_cpu[b],
-        "ratio_A_autograd_over_B": med["A_autograd"] / med[b],
-        "ratio_floor_over_B": med[FLOOR] / med[b],
+        "ratio_A_over_B": med[A] / med[B],
+        "ratio_A_over_B_cpu": med_cpu[A] / med_cpu[B],
+        "ratio_A_float32_over_B": med[A_FP32] / med[B],
+        "ratio_A_autograd_over_B": med["A_autograd"] / med[B],
+        "ratio_floor_over_B": med[FLOOR] / med[B],
         "ratio_A_over_B_per_turn": statistics.median(
-            a / bb for a, bb in zip(wall["A_training_fit"], wall[b], strict=True)),
+            a / bb for a, bb in zip(wall[A], wall[B], strict=True)),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+                    "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                    "amx_bf16": bool(torch.cpu.get_capabilities().get("amx_bf16"))},
     }
+    if B_SAME in med:
+        result["ratio_A_over_B_same_precision"] = med[A] / med[B_SAME]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'loop':<20}{'median examples/s':>19}{'min':>10}{'max':>10}{'per CPU-s':>11}")
+    print(f"{'loop':<26}{'precision':>10}{'median examples/s':>19}{'min':>10}{'max':>10}{'per CPU-s':>11}")
     for k, v in wall.items():
-        print(f"{k:<20}{med[k]:>19.0f}{min(v):>10.0f}{max(v):>10.0f}{med_cpu[k]:>11.0f}")
+        print(f"{k:<26}{result['matmul_precision'][k]:>10}{med[k]:>19.0f}{min(v):>10.0f}{max(v):>10.0f}"
+              f"{med_cpu[k]:>11.0f}")
     print(f"ratio A/B: {result['ratio_A_over_B']:.2f}x wall-clock, {result['ratio_A_over_B_cpu']:.2f}x per CPU-second, "
-          f"{result['ratio_A_over_B_per_turn']:.2f}x median of turns; A'/B {result['ratio_A_autograd_over_B']:.2f}x; "
-          f"the matrix products alone {result['ratio_floor_over_B']:.2f}x B  "
-          f"({len(x_train)} examples, batch {BATCH}; written to {args.out})")
+          f"{result['ratio_A_over_B_per_turn']:.2f}x median of turns; A float32/B {result['ratio_A_float32_over_B']:.2f}x; "
+          + (f"A/B at A's precision {result['ratio_A_over_B_same_precision']:.2f}x; " if B_SAME in med else "")
+          + f"A'/B {result['ratio_A_autograd_over_B']:.2f}x; the matrix products alone {result['ratio_floor_over_B']:.2f}x B  "
+          f"({n} examples, batch {BATCH}; written to {args.out})")
 
 
 if __name__ == "__main__":

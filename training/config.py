@@ -17,6 +17,7 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 Objective = Literal["elbo", "iwae"]
 LrSchedule = Literal["auto", "constant", "cosine"]
 Backward = Literal["auto", "manual", "autograd"]
+MatmulPrecision = Literal["auto", "highest", "high", "medium"]
 
 ARCHES: tuple[str, ...] = ("mlp", "conv")
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
@@ -24,6 +25,7 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 OBJECTIVES: tuple[str, ...] = ("elbo", "iwae")
 LR_SCHEDULES: tuple[str, ...] = ("auto", "constant", "cosine")
 BACKWARDS: tuple[str, ...] = ("auto", "manual", "autograd")
+MATMUL_PRECISIONS: tuple[str, ...] = ("auto", "highest", "high", "medium")
 # lr_schedule "auto": cosine from this many training examples up, constant below (see auto_lr_schedule).
 COSINE_MIN_TRAIN_EXAMPLES = 4096
 CHECKPOINT_CHOICES: tuple[str, ...] = ("best", "last")
@@ -60,7 +62,23 @@ def auto_backward(config: TrainConfig, world_size: int) -> Backward:
     return "manual" if manual else "autograd"
 
 
-def auto_lr_schedule(n_train: int) -> str:
+def auto_matmul_precision(device_type: str) -> MatmulPrecision:
+    """`--matmul-precision auto`: "medium" (float32 matrix products computed from bfloat16 operands with float32
+    accumulation, oneDNN on the CPU's AMX units) on a CPU with AMX-BF16, "highest" (full float32) elsewhere.
+
+    Measured (BENCHMARKS.md, training): on a 2-core Xeon with AMX a 784-400-20 step at batch 128 took 1.5x less
+    time and test -ELBO was unchanged; without AMX the bfloat16 products are not known to pay, and CUDA (where
+    "high" means TF32) was not measured, so both stay at full float32 unless asked.
+    """
+    if device_type != "cpu":
+        return "highest"
+    import torch  # the config module stays importable without torch
+
+    caps = torch.cpu.get_capabilities()
+    return "medium" if caps.get("amx_bf16") and caps.get("amx_tile") else "highest"
+
+
+def auto_lr_schedule(n_train: int) -> LrSchedule:
     """The schedule for `--lr-schedule auto` (measured, BENCHMARKS.md): a cosine decay to 0 gained 2.8 nats
     of validation -ELBO over a constant rate on 7,200 MNIST digits at the same wall-clock, but cost about
     0.25 nats on 1,293 8x8 digits, where a run is short in steps and still improving at its end."""
@@ -108,6 +126,9 @@ class TrainConfig:
     grad_clip: float = 0.0
     # How gradients are computed: manual (training/mlp_step.py), autograd, or auto (manual where it applies).
     backward: Backward = "auto"
+    # torch.set_float32_matmul_precision for the training steps only (validation, test and export are always
+    # full float32); auto: see auto_matmul_precision.
+    matmul_precision: MatmulPrecision = "auto"
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -119,6 +140,7 @@ class TrainConfig:
             ("objective", self.objective in OBJECTIVES, f"one of {OBJECTIVES}"),
             ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
             ("backward", self.backward in BACKWARDS, f"one of {BACKWARDS}"),
+            ("matmul_precision", self.matmul_precision in MATMUL_PRECISIONS, f"one of {MATMUL_PRECISIONS}"),
             ("latent_dim", self.latent_dim >= 0, "an integer >= 1 (0: chosen from the input size)"),
             ("hidden", all(h >= 1 for h in self.hidden), "integers >= 1 (none: chosen from the input size)"),
             ("conv_channels", len(self.conv_channels) >= 1 and all(c >= 1 for c in self.conv_channels),
@@ -155,11 +177,11 @@ class TrainConfig:
                     raise ConfigError(f"{name}: the iwae objective is the plain importance-weighted bound; "
                                       f"expected {neutral!r}, got {getattr(self, name)!r}")
 
-    def resolved(self, n_in: int, n_train: int, world_size: int = 1) -> TrainConfig:
+    def resolved(self, n_in: int, n_train: int, world_size: int = 1, device_type: str = "cpu") -> TrainConfig:
         """This config with what was left open chosen: `hidden` and `latent_dim` from `n_in` input dimensions,
         `lr_schedule` "auto" from `n_train` training examples, `epochs` 0 as DEFAULT_EPOCHS unless a time
         budget ends the run (then 0 stays: no epoch limit), `backward` "auto" from the model and
-        `world_size` ranks."""
+        `world_size` ranks, `matmul_precision` "auto" from the training device."""
         if self.backward == "manual" and auto_backward(self, world_size) != "manual":
             raise ConfigError("backward: 'manual' is written for arch 'mlp', likelihood 'bernoulli', objective "
                               f"'elbo' in one process; got arch {self.arch!r}, likelihood {self.likelihood!r}, "
@@ -170,7 +192,9 @@ class TrainConfig:
                                    lr_schedule=auto_lr_schedule(n_train) if self.lr_schedule == "auto"
                                    else self.lr_schedule,
                                    backward=auto_backward(self, world_size) if self.backward == "auto"
-                                   else self.backward)
+                                   else self.backward,
+                                   matmul_precision=auto_matmul_precision(device_type)
+                                   if self.matmul_precision == "auto" else self.matmul_precision)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

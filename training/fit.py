@@ -29,6 +29,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,11 @@ from training.config import (
     DEVICES,
     LIKELIHOODS,
     LR_SCHEDULES,
+    MATMUL_PRECISIONS,
     OBJECTIVES,
     ConfigError,
     TrainConfig,
+    auto_matmul_precision,
 )
 from training.data import DataError, DataSplits, load_data
 from training.evaluate import heldout_sums, stats_from_sums
@@ -65,7 +69,8 @@ from training.rundir import RunDir
 logger = logging.getLogger(__name__)
 
 # Flags that may differ from the checkpoint's config when resuming; all others must match.
-RESUME_OVERRIDABLE: tuple[str, ...] = ("epochs", "time_budget_s", "patience", "device", "backward")
+RESUME_OVERRIDABLE: tuple[str, ...] = ("epochs", "time_budget_s", "patience", "device", "backward",
+                                       "matmul_precision")
 TIMING_KEYS: tuple[str, ...] = ("examples_per_s", "seconds")
 # Flags of the command line that are not TrainConfig fields.
 RUNTIME_FLAGS: tuple[str, ...] = ("out", "resume", "progress", "dist_timeout_s", "log_level")
@@ -164,14 +169,34 @@ def make_optimizer(vae: VAE, config: TrainConfig, device: torch.device) -> torch
                             fused=device.type in ("cpu", "cuda"))
 
 
+@contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision(precision) inside, the previous setting restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def train_one_epoch(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x_train: Tensor, shard: Tensor,
                     per_rank_batch: int, config: TrainConfig, epoch: int, gen: torch.Generator,
                     clock: Clock | None = None, progress: tqdm | None = None) -> tuple[dict[str, Tensor], int]:
     """One pass over this rank's shard, or part of it if `clock` runs out. `model` is the VAE or its DDP
-    wrapper; returns float64 sums (all-reducible) and the number of steps taken.
+    wrapper; returns float64 sums (all-reducible) and the number of steps taken. The steps' matrix products
+    run at `config.matmul_precision`; whatever was set before holds again on return.
 
     x_train (N, *shape) on the device; shard (n,) int64 indices into it (this rank, this epoch).
     """
+    precision = config.matmul_precision
+    with float32_matmul_precision(auto_matmul_precision(x_train.device.type) if precision == "auto" else precision):
+        return _train_steps(model, vae, opt, x_train, shard, per_rank_batch, config, epoch, gen, clock, progress)
+
+
+def _train_steps(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x_train: Tensor, shard: Tensor,
+                 per_rank_batch: int, config: TrainConfig, epoch: int, gen: torch.Generator,
+                 clock: Clock | None, progress: tqdm | None) -> tuple[dict[str, Tensor], int]:
     model.train()
     dev = x_train.device
     steps = -(-len(shard) // per_rank_batch)
@@ -275,7 +300,7 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
     per_rank_batch = config.batch_size // ctx.world_size
     device = resolve_device(config.device, ctx)
     splits = load_data(config)
-    config = config.resolved(math.prod(splits.example_shape), len(splits.train), ctx.world_size)
+    config = config.resolved(math.prod(splits.example_shape), len(splits.train), ctx.world_size, device.type)
     torch.manual_seed(config.seed)  # parameter initialisation only; identical on every rank
     vae = VAE(config, splits.example_shape).to(device)
     opt = make_optimizer(vae, config, device)
@@ -476,6 +501,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--grad-clip", d.grad_clip, "clip the gradient norm to this (0: off)", type=float)
     add("--backward", d.backward, "manual: the hand-written forward/backward of the MLP ELBO (training/mlp_step.py; "
         "MLP, Bernoulli, --objective elbo, one process); autograd; auto: manual where it applies", choices=BACKWARDS)
+    add("--matmul-precision", d.matmul_precision, "float32 matrix products of the training steps "
+        "(torch.set_float32_matmul_precision; validation, test and export are always full float32): highest; "
+        "medium: from bfloat16 operands (oneDNN, AMX); high: TF32 on CUDA; auto: medium on a CPU with AMX-BF16, "
+        "else highest", choices=MATMUL_PRECISIONS)
     add("--out", "runs/latest", "run directory (written by rank 0 only)", type=Path)
     add("--resume", False, "continue from OUT/checkpoint.pt if it exists", action="store_true")
     add("--progress", True, "show a progress bar per epoch", action=argparse.BooleanOptionalAction)

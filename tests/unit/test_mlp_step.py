@@ -100,9 +100,11 @@ class _Recording(torch.nn.Module):
         super().__init__()
         self.vae = vae
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.precisions: list[str] = []
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor):  # type: ignore[no-untyped-def]
         self.seen.append((x.clone(), eps.clone()))
+        self.precisions.append(torch.get_float32_matmul_precision())
         return self.vae(x, eps)
 
 
@@ -114,15 +116,18 @@ def test_an_epoch_gives_every_step_its_own_batch_and_fresh_noise_and_sums_every_
 
     n, b = (fit.NOISE_STEPS + 3) * 4 + 2, 4  # 35 full batches and one of 2
     config = TrainConfig(hidden=(8,), latent_dim=3, batch_size=b, objective=objective, iwae_k=2,  # type: ignore[arg-type]
-                         backward="autograd").resolved(5, n)
+                         backward="autograd", matmul_precision="medium").resolved(5, n)
     torch.manual_seed(0)
     vae = VAE(config, (5,))
     model = _Recording(vae)
     opt = fit.make_optimizer(vae, config, torch.device("cpu"))
     x_train = torch.rand(n, 5)
     shard = torch.randperm(n)
+    before = torch.get_float32_matmul_precision()
     sums, taken = fit.train_one_epoch(model, vae, opt, x_train, shard, b, config, 0,
                                       fit.noise_generator(0, 0, 0, torch.device("cpu")))
+    assert set(model.precisions) == {"medium"}  # the steps ran at the config's precision ...
+    assert torch.get_float32_matmul_precision() == before  # ... and validation after them does not
     steps = -(-n // b)
     assert taken == len(model.seen) == steps
     for i, (x, eps) in enumerate(model.seen):
@@ -152,3 +157,18 @@ def test_the_manual_step_writes_its_sums_where_asked_and_keeps_working_across_ba
         assert returned.data_ptr() == out[i].data_ptr()
         torch.testing.assert_close(out[i], expected)
     assert all(float(st["step"]) == 3 for st in opt.state.values())
+
+
+def test_matmul_precision_auto_is_bfloat16_products_only_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.config import auto_matmul_precision
+
+    assert auto_matmul_precision("cuda") == "highest"
+    assert TrainConfig(matmul_precision="high").resolved(64, 100).matmul_precision == "high"
+    for caps, expected in (({"amx_bf16": True, "amx_tile": True, "avx512_bf16": True}, "medium"),
+                           ({"amx_bf16": False, "amx_tile": False, "avx512_bf16": True}, "highest"),
+                           ({}, "highest")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert auto_matmul_precision("cpu") == expected
+        assert TrainConfig().resolved(64, 100).matmul_precision == expected
+    with pytest.raises(ConfigError, match=r"matmul_precision: expected one of .*'medium'.*got 'bf16'"):
+        TrainConfig(matmul_precision="bf16")  # type: ignore[arg-type]
