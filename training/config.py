@@ -7,6 +7,7 @@ A model always says how it was made: `TrainConfig` is written to `RUN_DIR/config
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,15 +63,34 @@ def auto_backward(config: TrainConfig, world_size: int) -> Backward:
     return "manual" if manual else "autograd"
 
 
-def auto_matmul_precision(device_type: str) -> MatmulPrecision:
-    """`--matmul-precision auto`: "medium" (float32 matrix products computed from bfloat16 operands with float32
-    accumulation, oneDNN on the CPU's AMX units) on a CPU with AMX-BF16, "highest" (full float32) elsewhere.
+# `--matmul-precision auto` picks "medium" only when the MLP's largest matrix product of a step (per-rank batch x
+# inputs x outputs of its widest Linear) has at least this many multiply-adds: measured on the AMX Xeon of
+# BENCHMARKS.md, bfloat16 products were 1.5-2x faster from 8M up, even at 4M and slower below 2M (8x8 digits'
+# 64-256 layer at batch 128: 2.1M, its whole step 1.4x slower).
+BF16_MIN_PRODUCT_MACS = 8_000_000
 
-    Measured (BENCHMARKS.md, training): on a 2-core Xeon with AMX a 784-400-20 step at batch 128 took 1.5x less
-    time and test -ELBO was unchanged; without AMX the bfloat16 products are not known to pay, and CUDA (where
-    "high" means TF32) was not measured, so both stay at full float32 unless asked.
+
+def largest_product_macs(config: TrainConfig, n_in: int, per_rank_batch: int) -> int:
+    """Multiply-adds of the largest matrix product in a training step's forward of the MLP `config` describes
+    (hidden and latent resolved); 0 for other architectures."""
+    if config.arch != "mlp":
+        return 0
+    d = config.latent_dim
+    sizes = [[n_in, *config.hidden, 2 * d], [d, *reversed(config.hidden), n_in]]  # training.model._mlp's
+    return per_rank_batch * max(a * b for dims in sizes for a, b in itertools.pairwise(dims))
+
+
+def auto_matmul_precision(device_type: str, product_macs: int) -> MatmulPrecision:
+    """`--matmul-precision auto`: "medium" (float32 matrix products computed from bfloat16 operands with float32
+    accumulation, oneDNN on the CPU's AMX units) on a CPU with AMX-BF16 when the step's largest product has at
+    least BF16_MIN_PRODUCT_MACS multiply-adds, "highest" (full float32) elsewhere.
+
+    Measured (BENCHMARKS.md, training): on a 2-core Xeon with AMX a 784-400-20 step at batch 128 took 1.4-1.5x
+    less time and validation -ELBO over 60 epochs was unchanged (3 seeds). Without AMX the bfloat16 products
+    are not known to pay, the conv model's time is in its convolutions (which this setting leaves alone), and
+    CUDA (where "high" means TF32) was not measured: all stay at full float32 unless asked.
     """
-    if device_type != "cpu":
+    if device_type != "cpu" or product_macs < BF16_MIN_PRODUCT_MACS:
         return "highest"
     import torch  # the config module stays importable without torch
 
@@ -181,20 +201,22 @@ class TrainConfig:
         """This config with what was left open chosen: `hidden` and `latent_dim` from `n_in` input dimensions,
         `lr_schedule` "auto" from `n_train` training examples, `epochs` 0 as DEFAULT_EPOCHS unless a time
         budget ends the run (then 0 stays: no epoch limit), `backward` "auto" from the model and
-        `world_size` ranks, `matmul_precision` "auto" from the training device."""
+        `world_size` ranks, `matmul_precision` "auto" from the training device and the model's size."""
         if self.backward == "manual" and auto_backward(self, world_size) != "manual":
             raise ConfigError("backward: 'manual' is written for arch 'mlp', likelihood 'bernoulli', objective "
                               f"'elbo' in one process; got arch {self.arch!r}, likelihood {self.likelihood!r}, "
                               f"objective {self.objective!r}, {world_size} rank(s); use 'auto' or 'autograd'")
-        return dataclasses.replace(self, hidden=self.hidden or auto_hidden(n_in),
-                                   epochs=self.epochs or (0 if self.time_budget_s else DEFAULT_EPOCHS),
-                                   latent_dim=self.latent_dim or auto_latent_dim(n_in),
-                                   lr_schedule=auto_lr_schedule(n_train) if self.lr_schedule == "auto"
-                                   else self.lr_schedule,
-                                   backward=auto_backward(self, world_size) if self.backward == "auto"
-                                   else self.backward,
-                                   matmul_precision=auto_matmul_precision(device_type)
-                                   if self.matmul_precision == "auto" else self.matmul_precision)
+        out = dataclasses.replace(self, hidden=self.hidden or auto_hidden(n_in),
+                                  epochs=self.epochs or (0 if self.time_budget_s else DEFAULT_EPOCHS),
+                                  latent_dim=self.latent_dim or auto_latent_dim(n_in),
+                                  lr_schedule=auto_lr_schedule(n_train) if self.lr_schedule == "auto"
+                                  else self.lr_schedule,
+                                  backward=auto_backward(self, world_size) if self.backward == "auto"
+                                  else self.backward)
+        if out.matmul_precision == "auto":
+            macs = largest_product_macs(out, n_in, max(1, out.batch_size // world_size))
+            out = dataclasses.replace(out, matmul_precision=auto_matmul_precision(device_type, macs))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -59,6 +59,7 @@ from training.config import (
     ConfigError,
     TrainConfig,
     auto_matmul_precision,
+    largest_product_macs,
 )
 from training.data import DataError, DataSplits, load_data
 from training.evaluate import heldout_sums, stats_from_sums
@@ -190,7 +191,10 @@ def train_one_epoch(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x_tr
     x_train (N, *shape) on the device; shard (n,) int64 indices into it (this rank, this epoch).
     """
     precision = config.matmul_precision
-    with float32_matmul_precision(auto_matmul_precision(x_train.device.type) if precision == "auto" else precision):
+    if precision == "auto":  # an unresolved config (resolved() chooses it)
+        precision = auto_matmul_precision(x_train.device.type, largest_product_macs(
+            config, math.prod(x_train.shape[1:]), per_rank_batch))
+    with float32_matmul_precision(precision):
         return _train_steps(model, vae, opt, x_train, shard, per_rank_batch, config, epoch, gen, clock, progress)
 
 
@@ -503,8 +507,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "MLP, Bernoulli, --objective elbo, one process); autograd; auto: manual where it applies", choices=BACKWARDS)
     add("--matmul-precision", d.matmul_precision, "float32 matrix products of the training steps "
         "(torch.set_float32_matmul_precision; validation, test and export are always full float32): highest; "
-        "medium: from bfloat16 operands (oneDNN, AMX); high: TF32 on CUDA; auto: medium on a CPU with AMX-BF16, "
-        "else highest", choices=MATMUL_PRECISIONS)
+        "medium: from bfloat16 operands (oneDNN, AMX); high: TF32 on CUDA; auto: medium for an MLP whose largest "
+        "product has 8M+ multiply-adds a step on a CPU with AMX-BF16, else highest", choices=MATMUL_PRECISIONS)
     add("--out", "runs/latest", "run directory (written by rank 0 only)", type=Path)
     add("--resume", False, "continue from OUT/checkpoint.pt if it exists", action="store_true")
     add("--progress", True, "show a progress bar per epoch", action=argparse.BooleanOptionalAction)

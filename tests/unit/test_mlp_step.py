@@ -159,16 +159,23 @@ def test_the_manual_step_writes_its_sums_where_asked_and_keeps_working_across_ba
     assert all(float(st["step"]) == 3 for st in opt.state.values())
 
 
-def test_matmul_precision_auto_is_bfloat16_products_only_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
-    from training.config import auto_matmul_precision
+def test_matmul_precision_auto_is_bfloat16_products_only_for_big_products_on_a_cpu_with_amx(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.config import BF16_MIN_PRODUCT_MACS, auto_matmul_precision, largest_product_macs
 
-    assert auto_matmul_precision("cuda") == "highest"
+    assert auto_matmul_precision("cuda", 10**9) == "highest"
     assert TrainConfig(matmul_precision="high").resolved(64, 100).matmul_precision == "high"
+    mnist, digits = TrainConfig().resolved(784, 8000), TrainConfig().resolved(64, 1437)
+    assert largest_product_macs(mnist, 784, 128) == 128 * 784 * 400 >= BF16_MIN_PRODUCT_MACS
+    assert largest_product_macs(digits, 64, 128) == 128 * 64 * 256 < BF16_MIN_PRODUCT_MACS
+    assert largest_product_macs(TrainConfig(arch="conv").resolved(784, 100), 784, 128) == 0
     for caps, expected in (({"amx_bf16": True, "amx_tile": True, "avx512_bf16": True}, "medium"),
                            ({"amx_bf16": False, "amx_tile": False, "avx512_bf16": True}, "highest"),
                            ({}, "highest")):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
-        assert auto_matmul_precision("cpu") == expected
-        assert TrainConfig().resolved(64, 100).matmul_precision == expected
+        assert auto_matmul_precision("cpu", BF16_MIN_PRODUCT_MACS) == expected
+        assert TrainConfig().resolved(784, 8000).matmul_precision == expected
+        assert TrainConfig().resolved(64, 1437).matmul_precision == "highest"  # digits: too small to pay
+        assert TrainConfig().resolved(784, 8000, world_size=8).matmul_precision == "highest"  # 16 a rank
     with pytest.raises(ConfigError, match=r"matmul_precision: expected one of .*'medium'.*got 'bf16'"):
         TrainConfig(matmul_precision="bf16")  # type: ignore[arg-type]
