@@ -72,8 +72,10 @@ BF16_MIN_PRODUCT_MACS = 8_000_000
 
 def largest_product_macs(config: TrainConfig, n_in: int, per_rank_batch: int) -> int:
     """Multiply-adds of the largest matrix product in a training step's forward of the MLP `config` describes
-    (hidden and latent resolved); 0 for other architectures."""
-    if config.arch != "mlp":
+    (hidden and latent resolved); 0 for what `--matmul-precision auto` keeps in float32 whatever the size: the
+    conv model, whose time is in its convolutions, and the Gaussian decoder, whose quality under bfloat16
+    products was not measured."""
+    if config.arch != "mlp" or config.likelihood != "bernoulli":
         return 0
     d = config.latent_dim
     sizes = [[n_in, *config.hidden, 2 * d], [d, *reversed(config.hidden), n_in]]  # training.model._mlp's
@@ -86,9 +88,9 @@ def auto_matmul_precision(device_type: str, product_macs: int) -> MatmulPrecisio
     least BF16_MIN_PRODUCT_MACS multiply-adds, "highest" (full float32) elsewhere.
 
     Measured (BENCHMARKS.md, training): on a 2-core Xeon with AMX a 784-400-20 step at batch 128 took 1.4-1.5x
-    less time and validation -ELBO over 60 epochs was unchanged (3 seeds). Without AMX the bfloat16 products
-    are not known to pay, the conv model's time is in its convolutions (which this setting leaves alone), and
-    CUDA (where "high" means TF32) was not measured: all stay at full float32 unless asked.
+    less time and validation -ELBO over 60 epochs was unchanged (3 seeds, Bernoulli). Without AMX the bfloat16
+    products are not known to pay, and CUDA (where "high" means TF32) was not measured: both stay at full
+    float32 unless asked (and see largest_product_macs).
     """
     if device_type != "cpu" or product_macs < BF16_MIN_PRODUCT_MACS:
         return "highest"

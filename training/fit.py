@@ -507,8 +507,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "MLP, Bernoulli, --objective elbo, one process); autograd; auto: manual where it applies", choices=BACKWARDS)
     add("--matmul-precision", d.matmul_precision, "float32 matrix products of the training steps "
         "(torch.set_float32_matmul_precision; validation, test and export are always full float32): highest; "
-        "medium: from bfloat16 operands (oneDNN, AMX); high: TF32 on CUDA; auto: medium for an MLP whose largest "
-        "product has 8M+ multiply-adds a step on a CPU with AMX-BF16, else highest", choices=MATMUL_PRECISIONS)
+        "medium: from bfloat16 operands (oneDNN, AMX); high: TF32 on CUDA; auto: medium for a Bernoulli MLP whose "
+        "largest product has 8M+ multiply-adds a step on a CPU with AMX-BF16, else highest", choices=MATMUL_PRECISIONS)
     add("--out", "runs/latest", "run directory (written by rank 0 only)", type=Path)
     add("--resume", False, "continue from OUT/checkpoint.pt if it exists", action="store_true")
     add("--progress", True, "show a progress bar per epoch", action=argparse.BooleanOptionalAction)

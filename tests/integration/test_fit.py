@@ -89,9 +89,10 @@ def _wait_and_kill_mid_epoch(proc: subprocess.Popen[str], run: Path, after_epoch
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_epoch_and_resumed_ends_with_identical_metrics(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["highest", "medium"])  # medium: bfloat16 products where AMX has them
+def test_a_run_killed_mid_epoch_and_resumed_ends_with_identical_metrics(tmp_path: Path, precision: str) -> None:
     flags = [*TINY_FLAGS, "--epochs", "5", "--batch-size", "4", "--binarize", "--kl-warmup-epochs", "2",
-             "--free-bits", "0.05"]
+             "--free-bits", "0.05", "--matmul-precision", precision]
     ref = tmp_path / "uninterrupted"
     run_module("training.fit", *flags, "--out", str(ref))
 

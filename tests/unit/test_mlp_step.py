@@ -169,6 +169,7 @@ def test_matmul_precision_auto_is_bfloat16_products_only_for_big_products_on_a_c
     assert largest_product_macs(mnist, 784, 128) == 128 * 784 * 400 >= BF16_MIN_PRODUCT_MACS
     assert largest_product_macs(digits, 64, 128) == 128 * 64 * 256 < BF16_MIN_PRODUCT_MACS
     assert largest_product_macs(TrainConfig(arch="conv").resolved(784, 100), 784, 128) == 0
+    assert largest_product_macs(TrainConfig(likelihood="gaussian").resolved(784, 100), 784, 128) == 0
     for caps, expected in (({"amx_bf16": True, "amx_tile": True, "avx512_bf16": True}, "medium"),
                            ({"amx_bf16": False, "amx_tile": False, "avx512_bf16": True}, "highest"),
                            ({}, "highest")):
