@@ -332,9 +332,11 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: bool, ctx: D.
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_config(config)
         run.write_metrics(st.history)
-    logger.info("%s; %s %s latent %d on %s; %d rank(s), batch %d per rank, global batch %d; %d parameters%s",
+    logger.info("%s; %s %s latent %d on %s; %d rank(s), batch %d per rank, global batch %d; %d parameters; "
+                "backward %s, matmul precision %s%s",
                 splits.describe(), config.arch, list(config.hidden), config.latent_dim, device, ctx.world_size,
                 per_rank_batch, per_rank_batch * ctx.world_size, sum(p.numel() for p in vae.parameters()),
+                config.backward, config.matmul_precision,
                 f"; time budget {config.time_budget_s:g} s" if config.time_budget_s else "")
     clock = Clock(config.time_budget_s, ctx, spent_before_s=st.train_seconds)
     writer = CheckpointWriter()
