@@ -58,8 +58,6 @@ from training.config import (
     OBJECTIVES,
     ConfigError,
     TrainConfig,
-    auto_matmul_precision,
-    largest_product_macs,
 )
 from training.data import DataError, DataSplits, load_data
 from training.evaluate import heldout_sums, stats_from_sums
@@ -190,11 +188,8 @@ def train_one_epoch(model: nn.Module, vae: VAE, opt: torch.optim.Optimizer, x_tr
 
     x_train (N, *shape) on the device; shard (n,) int64 indices into it (this rank, this epoch).
     """
-    precision = config.matmul_precision
-    if precision == "auto":  # an unresolved config (resolved() chooses it)
-        precision = auto_matmul_precision(x_train.device.type, largest_product_macs(
-            config, math.prod(x_train.shape[1:]), per_rank_batch))
-    with float32_matmul_precision(precision):
+    assert config.matmul_precision != "auto", "train_one_epoch needs a resolved config"
+    with float32_matmul_precision(config.matmul_precision):
         return _train_steps(model, vae, opt, x_train, shard, per_rank_batch, config, epoch, gen, clock, progress)
 
 
