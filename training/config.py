@@ -87,10 +87,10 @@ def auto_matmul_precision(device_type: str, product_macs: int) -> MatmulPrecisio
     accumulation, oneDNN on the CPU's AMX units) on a CPU with AMX-BF16 when the step's largest product has at
     least BF16_MIN_PRODUCT_MACS multiply-adds, "highest" (full float32) elsewhere.
 
-    Measured (BENCHMARKS.md, training): on a 2-core Xeon with AMX a 784-400-20 step at batch 128 took 1.4-1.5x
-    less time and validation -ELBO over 60 epochs was unchanged (3 seeds, Bernoulli). Without AMX the bfloat16
-    products are not known to pay, and CUDA (where "high" means TF32) was not measured: both stay at full
-    float32 unless asked (and see largest_product_macs).
+    Measured (BENCHMARKS.md, training): on a 2-core Xeon with AMX the 784-400-20 loop at batch 128 ran
+    1.34-1.39x faster (benchmarks.train_loop) and validation -ELBO over 60 epochs was unchanged (3 seeds,
+    Bernoulli). Without AMX the bfloat16 products are not known to pay, and CUDA (where "high" means TF32)
+    was not measured: both stay at full float32 unless asked (and see largest_product_macs).
     """
     if device_type != "cpu" or product_macs < BF16_MIN_PRODUCT_MACS:
         return "highest"
