@@ -64,9 +64,9 @@ def auto_backward(config: TrainConfig, world_size: int) -> Backward:
 
 
 # `--matmul-precision auto` picks "medium" only when the MLP's largest matrix product of a step (per-rank batch x
-# inputs x outputs of its widest Linear) has at least this many multiply-adds: measured on the AMX Xeon of
-# BENCHMARKS.md, bfloat16 products were 1.5-2x faster from 8M up, even at 4M and slower below 2M (8x8 digits'
-# 64-256 layer at batch 128: 2.1M, its whole step 1.4x slower).
+# inputs x outputs of its widest Linear) has at least this many multiply-adds: on the AMX Xeon of BENCHMARKS.md
+# (python -m benchmarks.matmul_precision) bfloat16 products were 1.4-2.2x faster from 8M up, 1.0-1.4x at 2-5M
+# and slower below (8x8 digits' 64-256 layer at batch 128: 2.1M, 0.93x; its whole step 1.4x slower).
 BF16_MIN_PRODUCT_MACS = 8_000_000
 
 
