@@ -70,6 +70,12 @@ def auto_backward(config: TrainConfig, world_size: int) -> Backward:
 BF16_MIN_PRODUCT_MACS = 8_000_000
 
 
+def mlp_sizes(config: TrainConfig, n_in: int) -> tuple[list[int], list[int]]:
+    """The MLP's layer widths, input to output: the encoder's (to mu and log-variance) and the decoder's."""
+    d = config.latent_dim
+    return [n_in, *config.hidden, 2 * d], [d, *reversed(config.hidden), n_in]
+
+
 def largest_product_macs(config: TrainConfig, n_in: int, per_rank_batch: int) -> int:
     """Multiply-adds of the largest matrix product in a training step's forward of the MLP `config` describes
     (hidden and latent resolved); 0 for what `--matmul-precision auto` keeps in float32 whatever the size: the
@@ -77,9 +83,7 @@ def largest_product_macs(config: TrainConfig, n_in: int, per_rank_batch: int) ->
     products was not measured."""
     if config.arch != "mlp" or config.likelihood != "bernoulli":
         return 0
-    d = config.latent_dim
-    sizes = [[n_in, *config.hidden, 2 * d], [d, *reversed(config.hidden), n_in]]  # training.model._mlp's
-    return per_rank_batch * max(a * b for dims in sizes for a, b in itertools.pairwise(dims))
+    return per_rank_batch * max(a * b for dims in mlp_sizes(config, n_in) for a, b in itertools.pairwise(dims))
 
 
 def auto_matmul_precision(device_type: str, product_macs: int) -> MatmulPrecision:

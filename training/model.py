@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from training.config import TrainConfig
+from training.config import TrainConfig, mlp_sizes
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -91,11 +91,11 @@ class VAE(nn.Module):
         self.config = config
         self.example_shape = tuple(int(s) for s in example_shape)
         self.likelihood = config.likelihood
-        d = config.latent_dim
         n_in = math.prod(self.example_shape)
         if config.arch == "mlp":
-            self.encoder_body: nn.Module = _mlp([n_in, *config.hidden, 2 * d])
-            self.decoder_body: nn.Module = _mlp([d, *reversed(config.hidden), n_in])
+            enc_sizes, dec_sizes = mlp_sizes(config, n_in)
+            self.encoder_body: nn.Module = _mlp(enc_sizes)
+            self.decoder_body: nn.Module = _mlp(dec_sizes)
         else:
             self.encoder_body, self.decoder_body = _conv_pair(config, self.example_shape)
         # Gaussian with learned variance: one log-variance per data dimension, independent of z.
