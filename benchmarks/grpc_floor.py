@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import PIN, WORK, Server, pinned
+from benchmarks.harness import PIN, WORK, Server, pinned
 from loadgen.procstat import proc_cpu_s
 from loadgen.requests import build_requests
 
@@ -64,7 +64,7 @@ def h2load_encode(port: int, pid: int, requests: int, streams: int, body: Path) 
 
 
 def measure(kind: str, requests: int, streams: int, work: Path) -> dict[str, Any]:
-    """Start a `kind` server pinned to CPU 0 (benchmarks.run.Server), warm it up, drive it once, stop it."""
+    """Start a `kind` server pinned to CPU 0 (benchmarks.harness.Server), warm it up, drive it once, stop it."""
     WORK.mkdir(parents=True, exist_ok=True)
     server = Server([sys.executable, "-m", "loadgen.null_server", "--kind", kind], f"floor-{kind}")
     try:

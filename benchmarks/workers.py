@@ -10,12 +10,11 @@ generator spreads its calls over 4 channels (connections), since a connection st
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import PY, REPO, WORK, log, serving_cmd, sh
+from benchmarks.harness import REPO, WORK, loadgen_cmd, log, run_loadgen, serving_cmd
 from loadgen.process import LocalServer
 
 COUNTS = (1, 2)
@@ -23,14 +22,6 @@ COUNTS = (1, 2)
 SCENARIOS: list[tuple[str, int, int]] = [("infer-encoder", 64, 1), ("infer-decoder", 64, 1),
                                          ("http-encoder", 64, 1), ("infer-encoder", 8, 64)]
 CHANNELS = 4
-
-
-def _bench(ready: Path, rpc: str, c: int, b: int, duration_s: float) -> dict[str, Any]:
-    cmd = [PY, "-m", "loadgen", "--ready-file", str(ready), "--rpc", rpc, "--concurrency", str(c), "--rows", str(b),
-           "--duration-s", str(duration_s), "--warmup-s", "1", "--channels", str(CHANNELS)]
-    res: dict[str, Any] = json.loads(sh(cmd, duration_s + 120).stdout.strip().splitlines()[-1])
-    res["command"] = " ".join(cmd)
-    return res
 
 
 def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
@@ -41,7 +32,9 @@ def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
             s = LocalServer.start(serving_cmd(model_dir, ["--workers", str(n)]), WORK, f"workers{n}", cwd=REPO)
             try:
                 for rpc, c, b in SCENARIOS:
-                    r = _bench(s.ready_path, rpc, c, b, duration_s)
+                    # unpinned, unlike harness.bench: two workers need both CPUs
+                    r = run_loadgen(loadgen_cmd(s.ready_path, rpc, c, b, duration_s, ["--channels", str(CHANNELS)]),
+                                    duration_s)
                     raw[n].setdefault(f"{rpc}/c{c}/b{b}", []).append(r)
                     log(f"workers round {rnd + 1}/{rounds} --workers {n} {rpc} C={c} B={b}: "
                         f"{r['requests_per_s']:,.0f} req/s, p99 {r['latency_ms']['p99']:.1f} ms, server "

@@ -14,16 +14,21 @@ estimated. Prints one JSON document (the last line).
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import PY, REPO, WORK, Server, bench, log, pinned, serving_cmd, sh
+from benchmarks.harness import PY, last_json, log, pinned, serving_cmd, sh
+from benchmarks.references.turns import (
+    TRITON_PY,
+    Scenario,
+    Target,
+    cli,
+    launcher_cmd,
+    summarize,
+    take_turns,
+    target_table,
+)
 
-TRITON_PY = REPO / ".venv-triton" / "bin" / "python"
 # (model, concurrency, rows per request): issue 13's grid
 SCENARIOS: list[tuple[str, int, int]] = [("encoder", 64, 1), ("decoder", 64, 1), ("encoder", 8, 64),
                                          ("decoder", 8, 64), ("encoder", 1, 1), ("decoder", 1, 1)]
@@ -40,8 +45,7 @@ def systems(model_dir: Path) -> dict[str, list[str]]:
     cmds = {"vae-serve": serving_cmd(model_dir, []),
             "naive": [PY, "-m", "benchmarks.references.naive_server", "--model-dir", str(model_dir)]}
     if TRITON_PY.is_file():
-        cmds["triton"] = [str(TRITON_PY), str(REPO / "benchmarks" / "references" / "triton.py"),
-                          "--model-dir", str(model_dir), "--workdir", str(WORK / "triton")]
+        cmds["triton"] = launcher_cmd(TRITON_PY, "triton.py", model_dir, "triton")
     for name, kind in FLOORS.items():
         cmds[name] = [PY, "-m", "loadgen.null_server", "--kind", kind]
     return cmds
@@ -50,86 +54,20 @@ def systems(model_dir: Path) -> dict[str, list[str]]:
 def ort_us_per_row(model_dir: Path) -> dict[str, dict[str, float]]:
     """ONNX Runtime's own cost on CPU 0 (benchmarks.ort_ceiling, the server's session options): us of CPU
     per row by batch size, per model."""
-    out = sh(pinned(0, [PY, "-m", "benchmarks.ort_ceiling", "--model-dir", str(model_dir), "--min-time-s", "0.2"]),
-             600).stdout.strip().splitlines()[-1]
-    res = json.loads(out)
+    res = last_json(sh(pinned(0, [PY, "-m", "benchmarks.ort_ceiling", "--model-dir", str(model_dir),
+                                  "--min-time-s", "0.2"]), 600))
     return {m: {b: 1e6 / v for b, v in res[f"{m}_per_cpu_s"].items()} for m in ("encoder", "decoder")}
-
-
-def cpu0_us_per_request(r: dict[str, Any]) -> float | None:
-    s = r.get("server")
-    if not s or not r["requests"]:
-        return None
-    busy = s["cpu_s"] + s["other_work_cores"] * r["duration_s"]  # everything on the server's CPU
-    return 1e6 * busy / r["requests"]
-
-
-Target = tuple[str, float | None, float, bool | None]  # (what, measured ratio, required, met or None)
-
-
-def summarize(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """system -> scenario -> medians over rounds (of what is measured; None where nothing was)."""
-    summary: dict[str, dict[str, dict[str, float | None]]] = {}
-    for name, by in raw.items():
-        for key, runs in by.items():
-            def med(f: Any, runs: list[dict[str, Any]] = runs) -> float | None:
-                vals = [v for v in (f(r) for r in runs) if v is not None]
-                return statistics.median(vals) if vals else None
-            summary.setdefault(name, {})[key] = {
-                "requests_per_s": med(lambda r: r["requests_per_s"]), "rows_per_s": med(lambda r: r["rows_per_s"]),
-                "p50_ms": med(lambda r: r["latency_ms"]["p50"]), "p99_ms": med(lambda r: r["latency_ms"]["p99"]),
-                "cpu0_us_per_request": med(lambda r: r["cpu0_us_per_request"]),
-                "generator_cores": med(lambda r: r["generator"]["cpu_cores"]),
-                "errors": sum(sum(r["errors"].values()) for r in runs)}
-    return summary
-
-
-def target_table(issue: str, bound: str, rows: list[Target]) -> list[str]:
-    """The markdown table of an issue's targets."""
-    lines = ["", f"| {issue} target | measured | {bound} | met |", "| --- | --- | --- | --- |"]
-    for what, r, need, ok in rows:
-        lines.append(f"| {what} | {'-' if r is None else f'{r:.2f}x'} | {need:g}x | "
-                     f"{'not measured' if ok is None else ('yes' if ok else '**no**')} |")
-    return lines
-
-
-def cli(prog: str, doc: str, run: Any, markdown: Any, argv: list[str] | None) -> int:
-    """The command line of a reference benchmark: run it, the table on stderr, the JSON on stdout."""
-    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--duration-s", type=float, default=4.0)
-    args = p.parse_args(argv)
-    WORK.mkdir(parents=True, exist_ok=True)
-    res = run(args.model_dir, args.rounds, args.duration_s)
-    sys.stderr.write(markdown(res))
-    print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
-    return 0
 
 
 def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
     cmds = systems(model_dir)
-    names = list(cmds)
-    raw: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in names}
-    for rnd in range(rounds):
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
-        for name in order:
-            s = Server(cmds[name], f"ref-{name}")
-            try:
-                for model, c, b in SCENARIOS:
-                    r = bench(s.ready_path, f"infer-{model}", c, b, duration_s)
-                    r["cpu0_us_per_request"] = cpu0_us_per_request(r)
-                    raw[name].setdefault(f"{model}/c{c}/b{b}", []).append(r)
-                    log(f"references round {rnd + 1}/{rounds} {name:9s} {model} C={c} B={b}: "
-                        f"{r['requests_per_s']:,.0f} req/s, {r['rows_per_s']:,.0f} rows/s, p50 "
-                        f"{r['latency_ms']['p50']:.2f} ms, errors {r['errors'] or 'none'}")
-            finally:
-                s.stop()
+    plan = [Scenario(f"{m}/c{c}/b{b}", f"infer-{m}", c, b) for m, c, b in SCENARIOS]
+    raw = take_turns("references", "ref", cmds, {n: plan for n in cmds}, rounds, duration_s)
     summary = summarize(raw)
     log("references: ONNX Runtime's own cost by batch size on CPU 0")
-    return {"systems": names, "triton_missing": "triton" not in cmds, "rounds": rounds, "duration_s": duration_s,
+    return {"systems": list(cmds), "triton_missing": "triton" not in cmds, "rounds": rounds, "duration_s": duration_s,
             "ort_us_per_row": ort_us_per_row(model_dir),
-            "scenarios": [f"{m}/c{c}/b{b}" for m, c, b in SCENARIOS], "summary": summary,
+            "scenarios": [sc.key for sc in plan], "summary": summary,
             "commands": {n: " ".join(c) for n, c in cmds.items()}, "runs": raw}
 
 

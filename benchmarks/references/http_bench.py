@@ -18,10 +18,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.references.bench import TRITON_PY, Target, cli, cpu0_us_per_request, summarize, target_table
-from benchmarks.run import REPO, WORK, Server, bench, log, serving_cmd
+from benchmarks.harness import serving_cmd
+from benchmarks.references.turns import (
+    MLSERVER_PY,
+    TRITON_PY,
+    Scenario,
+    Target,
+    cli,
+    launcher_cmd,
+    summarize,
+    take_turns,
+    target_table,
+)
 
-MLSERVER_PY = REPO / ".venv-mlserver" / "bin" / "python"
 # (rpc, concurrency, rows per request)
 SCENARIOS: list[tuple[str, int, int]] = [
     ("http-encoder", 64, 1), ("http-decoder", 64, 1), ("http-encoder", 8, 64), ("http-decoder", 8, 64),
@@ -34,11 +43,9 @@ NO_BINARY = {"mlserver"}  # systems without the binary tensor extension
 def systems(model_dir: Path) -> dict[str, list[str]]:
     cmds = {"vae-serve": serving_cmd(model_dir, [])}
     if TRITON_PY.is_file():
-        cmds["triton"] = [str(TRITON_PY), str(REPO / "benchmarks" / "references" / "triton.py"),
-                          "--model-dir", str(model_dir), "--workdir", str(WORK / "triton")]
+        cmds["triton"] = launcher_cmd(TRITON_PY, "triton.py", model_dir, "triton")
     if MLSERVER_PY.is_file():
-        cmds["mlserver"] = [str(MLSERVER_PY), str(REPO / "benchmarks" / "references" / "mlserver.py"),
-                            "--model-dir", str(model_dir), "--workdir", str(WORK / "mlserver")]
+        cmds["mlserver"] = launcher_cmd(MLSERVER_PY, "mlserver.py", model_dir, "mlserver")
     return cmds
 
 
@@ -48,27 +55,12 @@ def key_of(rpc: str, c: int, b: int) -> str:
 
 def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
     cmds = systems(model_dir)
-    names = list(cmds)
-    raw: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in names}
-    for rnd in range(rounds):
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
-        for name in order:
-            s = Server(cmds[name], f"http-{name}")
-            try:
-                for rpc, c, b in SCENARIOS:
-                    if name in NO_BINARY and "json" not in rpc:
-                        continue
-                    r = bench(s.ready_path, rpc, c, b, duration_s)
-                    r["cpu0_us_per_request"] = cpu0_us_per_request(r)
-                    raw[name].setdefault(key_of(rpc, c, b), []).append(r)
-                    log(f"http round {rnd + 1}/{rounds} {name:9s} {rpc} C={c} B={b}: "
-                        f"{r['requests_per_s']:,.0f} req/s, {r['rows_per_s']:,.0f} rows/s, p50 "
-                        f"{r['latency_ms']['p50']:.2f} ms, errors {r['errors'] or 'none'}")
-            finally:
-                s.stop()
+    plan = [Scenario(key_of(rpc, c, b), rpc, c, b) for rpc, c, b in SCENARIOS]
+    per_system = {n: [sc for sc in plan if n not in NO_BINARY or "json" in sc.rpc] for n in cmds}
+    raw = take_turns("http", "http", cmds, per_system, rounds, duration_s)
     summary = summarize(raw)
-    return {"systems": names, "missing": [n for n in ("triton", "mlserver") if n not in cmds], "rounds": rounds,
-            "duration_s": duration_s, "scenarios": [key_of(*sc) for sc in SCENARIOS], "summary": summary,
+    return {"systems": list(cmds), "missing": [n for n in ("triton", "mlserver") if n not in cmds], "rounds": rounds,
+            "duration_s": duration_s, "scenarios": [sc.key for sc in plan], "summary": summary,
             "commands": {n: " ".join(c) for n, c in cmds.items()}, "runs": raw}
 
 

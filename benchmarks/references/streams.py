@@ -1,6 +1,6 @@
 """`make bench` step (issue 15): server CPU per single-row streamed message, against Triton in the same run.
 
-    python -m benchmarks.run --only stream         # this step alone (trains the bench model if missing)
+    python -m benchmarks.run --only streams        # this step alone (trains the bench model if missing)
     python -m benchmarks.references.streams --model-dir runs/bench/exported [--rounds 2] [--duration-s 4]
 
 Three servers take turns (order rotating per round), each pinned to CPU 0, the same load generator on
@@ -24,18 +24,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.references.bench import TRITON_PY, Target, cli, cpu0_us_per_request, summarize, target_table
-from benchmarks.run import PY, REPO, WORK, Server, bench, log, serving_cmd
+from benchmarks.harness import PY, serving_cmd
+from benchmarks.references.turns import (
+    TRITON_PY,
+    Scenario,
+    Target,
+    cli,
+    launcher_cmd,
+    summarize,
+    take_turns,
+    target_table,
+)
 
-STREAM_64 = ["--streams", "64", "--stream-inflight", "1"]
-STREAM_8X8 = ["--streams", "8", "--stream-inflight", "8"]
-# system -> [(scenario key, rpc, concurrency, extra loadgen flags)]
-SCENARIOS: dict[str, list[tuple[str, str, int, list[str]]]] = {
-    "vae-serve": [(f"{m}/stream64x1", f"infer-{m}", 1, STREAM_64) for m in ("encoder", "decoder")]
-                 + [("encoder/stream8x8", "infer-encoder", 1, STREAM_8X8), ("encoder/unary-c64", "infer-encoder", 64, [])],
-    "triton": [(f"{m}/unary-c64", f"infer-{m}", 64, []) for m in ("encoder", "decoder")],
-    "triton-nobatch": [(f"{m}/stream64x1", f"infer-{m}", 1, STREAM_64) for m in ("encoder", "decoder")],
-    "null-stream": [("encoder/stream64x1", "infer-encoder", 1, STREAM_64)],
+STREAM_64 = ("--streams", "64", "--stream-inflight", "1")
+STREAM_8X8 = ("--streams", "8", "--stream-inflight", "8")
+# system -> its scenarios (single-row requests)
+SCENARIOS: dict[str, list[Scenario]] = {
+    "vae-serve": [Scenario(f"{m}/stream64x1", f"infer-{m}", 1, 1, STREAM_64) for m in ("encoder", "decoder")]
+                 + [Scenario("encoder/stream8x8", "infer-encoder", 1, 1, STREAM_8X8),
+                    Scenario("encoder/unary-c64", "infer-encoder", 64, 1)],
+    "triton": [Scenario(f"{m}/unary-c64", f"infer-{m}", 64, 1) for m in ("encoder", "decoder")],
+    "triton-nobatch": [Scenario(f"{m}/stream64x1", f"infer-{m}", 1, 1, STREAM_64) for m in ("encoder", "decoder")],
+    "null-stream": [Scenario("encoder/stream64x1", "infer-encoder", 1, 1, STREAM_64)],
 }
 
 
@@ -43,32 +53,17 @@ def systems(model_dir: Path) -> dict[str, list[str]]:
     cmds = {"vae-serve": serving_cmd(model_dir, []),
             "null-stream": [PY, "-m", "loadgen.null_server", "--kind", "aio-uvloop", "--stream", "--stop-after-s", "600"]}
     if TRITON_PY.is_file():
-        triton = [str(TRITON_PY), str(REPO / "benchmarks" / "references" / "triton.py"), "--model-dir", str(model_dir)]
-        cmds["triton"] = [*triton, "--workdir", str(WORK / "triton")]
-        cmds["triton-nobatch"] = [*triton, "--workdir", str(WORK / "triton-nobatch"), "--no-dynamic-batching"]
+        cmds["triton"] = launcher_cmd(TRITON_PY, "triton.py", model_dir, "triton")
+        cmds["triton-nobatch"] = launcher_cmd(TRITON_PY, "triton.py", model_dir, "triton-nobatch",
+                                              "--no-dynamic-batching")
     return cmds
 
 
 def run(model_dir: Path, rounds: int, duration_s: float) -> dict[str, Any]:
     cmds = systems(model_dir)
-    names = list(cmds)
-    raw: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in names}
-    for rnd in range(rounds):
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
-        for name in order:
-            s = Server(cmds[name], f"stream-{name}")
-            try:
-                for key, rpc, c, extra in SCENARIOS[name]:
-                    r = bench(s.ready_path, rpc, c, 1, duration_s, extra)
-                    r["cpu0_us_per_request"] = cpu0_us_per_request(r)
-                    raw[name].setdefault(key, []).append(r)
-                    log(f"streams round {rnd + 1}/{rounds} {name:14s} {key:18s}: {r['requests_per_s']:,.0f} req/s, "
-                        f"{r['cpu0_us_per_request'] or 0:,.0f} us CPU0/req, p50 {r['latency_ms']['p50']:.2f} ms, "
-                        f"errors {r['errors'] or 'none'}")
-            finally:
-                s.stop()
+    raw = take_turns("streams", "stream", cmds, SCENARIOS, rounds, duration_s)
     summary = summarize(raw)
-    return {"systems": names, "triton_missing": "triton" not in cmds, "rounds": rounds, "duration_s": duration_s,
+    return {"systems": list(cmds), "triton_missing": "triton" not in cmds, "rounds": rounds, "duration_s": duration_s,
             "summary": summary, "commands": {n: " ".join(c) for n, c in cmds.items()}, "runs": raw}
 
 

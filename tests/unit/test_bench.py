@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from benchmarks.report import targets
-from benchmarks.run import summarize_profile
+from benchmarks.scenarios import summarize_profile
 from loadgen.null_server import NullHandler
 from loadgen.procstat import cpus_busy_s, proc_cpu_s, proc_memory_mb, proc_runqueue_wait_s
 from loadgen.report import format_table
@@ -269,3 +269,54 @@ def test_reference_targets_are_ratios_to_the_systems_measured_in_the_same_run() 
     ref["systems"], ref["triton_missing"] = ["vae-serve", "naive"], True
     assert all(ok is None for what, _, _, ok in reference_targets(ref) if "Triton" in what)
     assert "Triton was not measured in this run" in markdown(ref)
+
+
+def test_benchmarks_imports_run_one_way_and_nothing_imports_the_orchestrator() -> None:
+    import ast
+    import graphlib
+
+    root = Path(__file__).resolve().parents[2]
+    graph: dict[str, set[str]] = {}
+    for path in (root / "benchmarks").rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts)
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):  # lazy imports inside functions count too
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("benchmarks"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)  # `from benchmarks import workers`
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("benchmarks"))
+    graph = {m: {d for d in deps if d in graph} for m, deps in graph.items()}
+    assert not [m for m, deps in graph.items() if "benchmarks.run" in deps]
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on an import cycle
+
+
+def test_reference_systems_take_turns_in_a_rotating_order_each_running_its_own_scenarios(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.references import turns
+
+    started: list[str] = []
+
+    class FakeServer:
+        def __init__(self, cmd: list[str], name: str) -> None:
+            started.append(name)
+            self.ready_path = Path(name)
+
+        def stop(self) -> int:
+            return 0
+
+    def fake_bench(ready: Path, rpc: str, c: int, b: int, duration_s: float, extra: list[str]) -> dict[str, Any]:
+        return {"requests": 10, "duration_s": duration_s, "requests_per_s": 5.0, "rows_per_s": 5.0 * b,
+                "latency_ms": {"p50": 1.0}, "errors": {}, "command": f"{ready} {rpc} {c} {b} {' '.join(extra)}"}
+
+    monkeypatch.setattr(turns, "Server", FakeServer)
+    monkeypatch.setattr(turns, "bench", fake_bench)
+    plan = {"a": [turns.Scenario("x", "infer-encoder", 8, 1, ("--streams", "2"))],
+            "b": [turns.Scenario("x", "infer-encoder", 8, 1), turns.Scenario("y", "infer-decoder", 1, 64)],
+            "c": []}
+    raw = turns.take_turns("test", "t", {n: [n] for n in plan}, plan, 3, 0.5)
+    assert started == ["t-a", "t-b", "t-c", "t-b", "t-c", "t-a", "t-c", "t-a", "t-b"]
+    assert {n: {k: len(v) for k, v in by.items()} for n, by in raw.items()} == {"a": {"x": 3}, "b": {"x": 3, "y": 3},
+                                                                                "c": {}}
+    assert raw["a"]["x"][0]["command"] == "t-a infer-encoder 8 1 --streams 2"
+    assert raw["b"]["y"][0]["cpu0_us_per_request"] is None  # no server record: not measured
