@@ -271,6 +271,15 @@ def test_reference_targets_are_ratios_to_the_systems_measured_in_the_same_run() 
     assert "Triton was not measured in this run" in markdown(ref)
 
 
+def test_the_committed_results_render_to_the_committed_benchmarks_md() -> None:
+    import json
+
+    from benchmarks import plots, report
+
+    res = json.loads((plots.RESULTS / "serving.json").read_text())
+    assert report.markdown(res, plots.available(res)) == report.OUT.read_text()
+
+
 def test_benchmarks_imports_run_one_way_and_nothing_imports_the_orchestrator() -> None:
     import ast
     import graphlib
