@@ -20,7 +20,7 @@
 - A request larger than `max_batch_size` rows is split across consecutive batches and reassembled in
   order; a batch may end with the head of one request and start with the tail of another.
 - Back-pressure: more than `max_queue_rows` queued rows -> QueueFull at once, nothing queued.
-- A request whose deadline passed or whose caller went away (cancelled future) while it queued is
+- A request whose deadline passed or whose caller went away (a cancelled `submit`, or `Ticket.cancel`) while it queued is
   dropped when its turn comes, never computed.
 
 The runner is anything with `name` and `run(x) -> list[np.ndarray]` (`serving.runtime.OrtRunner`, or a
@@ -41,6 +41,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -67,20 +68,44 @@ class Runner(Protocol):
     def run(self, x: np.ndarray) -> Outputs: ...
 
 
+# What a request's submitter is told when it ends: its outputs (each (n, ...)), or the error it failed with.
+Done = Callable[[Outputs | BaseException], None]
+
+
 class _Request:
-    """One submitted request; `taken` rows of it have gone into batches so far."""
+    """One queued request; `taken` rows of it have gone into batches so far. It ends exactly once: `done`
+    is called with its outputs or its error, on the event loop."""
 
-    __slots__ = ("deadline", "fut", "n", "parts", "t_enqueue", "taken", "x")
+    __slots__ = ("deadline", "done", "ended", "n", "parts", "t_enqueue", "taken", "x")
 
-    def __init__(self, x: np.ndarray, fut: asyncio.Future[Outputs], deadline: float | None,
-                 t_enqueue: float) -> None:
+    def __init__(self, x: np.ndarray, done: Done, deadline: float | None, t_enqueue: float) -> None:
         self.x = x
-        self.fut = fut
+        self.done = done
+        self.ended = False  # answered, failed, or abandoned by its caller (`Ticket.cancel`)
         self.n: int = x.shape[0]
         self.taken = 0
         self.deadline = deadline
         self.t_enqueue = t_enqueue
         self.parts: Outputs | None = None  # the whole outputs of a request split across batches
+
+    def end(self, result: Outputs | BaseException) -> None:
+        if not self.ended:
+            self.ended = True
+            self.parts = None
+            self.done(result)
+
+
+class Ticket:
+    """A queued request as its submitter holds it: `cancel` drops it (never computed if still queued; its
+    `done` is not called)."""
+
+    __slots__ = ("_req",)
+
+    def __init__(self, req: _Request) -> None:
+        self._req = req
+
+    def cancel(self) -> None:
+        self._req.ended = True
 
 
 # (request, first row, row count): a slice of one request inside a batch.
@@ -145,9 +170,7 @@ class Batcher:
             self._gather_timer.cancel()
             self._gather_timer = None
         while self._queue:
-            req = self._queue.popleft()
-            if not req.fut.done():
-                req.fut.set_exception(ShuttingDown("the server is shutting down"))
+            self._queue.popleft().end(ShuttingDown("the server is shutting down"))
         self._queued_rows = 0
         if gathering:
             self._dispatch()  # the cancelled gather would have: with the queue empty, this goes idle
@@ -166,7 +189,32 @@ class Batcher:
         """Queue x (n, ...) and wait for its outputs, each (n, ...), in the runner's output order.
 
         `deadline` is in `time.monotonic()`'s clock; a request still queued at its deadline is dropped
-        with DeadlineExpired.
+        with DeadlineExpired. Cancelling the awaiting task drops the request if it is still queued.
+        """
+        loop = self._loop
+        assert loop is not None, "Batcher.start() was not called"
+        fut: asyncio.Future[Outputs] = loop.create_future()
+
+        def done(result: Outputs | BaseException) -> None:
+            if not fut.done():
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+
+        ticket = self.enqueue(x, done, deadline)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            ticket.cancel()
+            raise
+
+    def enqueue(self, x: np.ndarray, done: Done, deadline: float | None = None) -> Ticket:
+        """Queue x (n, ...); `done(outputs or error)` is called once, on the event loop, when it ends.
+
+        The callback form of `submit`, for front ends that handle calls in batches (serving.native): no
+        future or task per request. Raises ShuttingDown or QueueFull at once (nothing queued, `done` not
+        called).
         """
         n = x.shape[0]
         if self._closed:
@@ -178,8 +226,8 @@ class Batcher:
                             f"--max-queue-rows {self.max_queue_rows}; retry later")
         loop = self._loop
         assert loop is not None, "Batcher.start() was not called"
-        fut: asyncio.Future[Outputs] = loop.create_future()
-        self._queue.append(_Request(x, fut, deadline, _now()))
+        req = _Request(x, done, deadline, _now())
+        self._queue.append(req)
         self._queued_rows += n
         if not self._busy:
             # Idle runner: this request starts at the end of the current event-loop pass (microseconds),
@@ -190,7 +238,7 @@ class Batcher:
             self._gather_timer.cancel()  # the batch being gathered is full: run it now
             self._gather_timer = None
             loop.call_soon(self._dispatch)
-        return await fut
+        return Ticket(req)
 
     # -- event loop side -------------------------------------------------------------------------
 
@@ -244,8 +292,7 @@ class Batcher:
         if isinstance(outs, BaseException):
             logger.error("%s: run of %d rows failed", self.name, rows, exc_info=outs)
             for req, _, _ in batch:
-                if not req.fut.done():
-                    req.fut.set_exception(outs)
+                req.end(outs)
         else:
             if self._m is not None:
                 self._m.compute.observe(dt)
@@ -270,11 +317,11 @@ class Batcher:
         while q and rows < self.max_batch_size:
             req = q[0]
             expired = req.deadline is not None and now >= req.deadline
-            if expired or req.fut.done():
+            if expired or req.ended:
                 q.popleft()
                 self._queued_rows -= req.n - req.taken
-                if not req.fut.done():
-                    req.fut.set_exception(DeadlineExpired(
+                if not req.ended:
+                    req.end(DeadlineExpired(
                         f"{self.name}: the deadline passed after {1e3 * (now - req.t_enqueue):.1f} ms in "
                         f"the queue; not computed"))
                 if m is not None and req.taken == 0:
@@ -299,25 +346,25 @@ class Batcher:
         offset = 0
         for req, start, count in batch:
             end = offset + count
-            if bad is not None and not req.fut.done() and bad[offset:end].any():
+            if req.ended:
+                offset = end
+                continue
+            if bad is not None and bad[offset:end].any():
                 row = start + int(np.flatnonzero(bad[offset:end])[0])
-                req.fut.set_exception(InvalidInput(
+                req.end(InvalidInput(
                     self._input_name, "values the model maps to finite outputs",
                     f"row {row}, whose {self.name} outputs overflow float32 (NaN or Inf)", self.name))
-                req.parts = None
-            if not req.fut.done():
-                if start == 0 and count == req.n:
-                    req.fut.set_result([o[offset:end] for o in outs])
-                else:
-                    # A split request: its outputs are allocated once and filled batch by batch (one
-                    # copy; collecting parts and concatenating them would hold each output twice).
-                    if req.parts is None:
-                        req.parts = [np.empty((req.n, *o.shape[1:]), dtype=o.dtype) for o in outs]
-                    for whole, o in zip(req.parts, outs):
-                        whole[start:start + count] = o[offset:end]
-                    if start + count == req.n:
-                        req.fut.set_result(req.parts)
-                        req.parts = None
+            elif start == 0 and count == req.n:
+                req.end([o[offset:end] for o in outs])
+            else:
+                # A split request: its outputs are allocated once and filled batch by batch (one
+                # copy; collecting parts and concatenating them would hold each output twice).
+                if req.parts is None:
+                    req.parts = [np.empty((req.n, *o.shape[1:]), dtype=o.dtype) for o in outs]
+                for whole, o in zip(req.parts, outs):
+                    whole[start:start + count] = o[offset:end]
+                if start + count == req.n:
+                    req.end(req.parts)
             offset = end
 
     # -- runner thread ---------------------------------------------------------------------------

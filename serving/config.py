@@ -28,6 +28,12 @@ RENAMED_FLAGS: dict[str, str] = {"--metrics-port": "--http-port", "--metrics-hos
                                  "--metrics-tls": "--http-tls"}
 
 
+GRPC_FRONTENDS = ("auto", "native", "grpcio")
+# Where prometheus-client's multiprocess mode keeps the workers' samples (--workers); it must be set before
+# prometheus_client is first imported. Here, not in workers.py or metrics.py, so neither imports the other.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class ConfigError(ValueError):
     """A serving setting is out of range; the message names the field (flag)."""
 
@@ -57,6 +63,8 @@ class ServeConfig:
     drain_delay_s: float = 2.0
     max_concurrent_rpcs: int = 4096
     max_connection_age_s: float = 300.0
+    grpc_frontend: str = "auto"
+    grpc_io_threads: int = 1
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -86,6 +94,11 @@ class ServeConfig:
             ("http_tls", not self.http_tls or self.tls_cert is not None,
              "only with --tls-cert and --tls-key (the HTTP port uses the same files)"),
             ("log_level", self.log_level in LOG_LEVELS, f"one of {LOG_LEVELS}"),
+            ("grpc_frontend", self.grpc_frontend in GRPC_FRONTENDS, f"one of {GRPC_FRONTENDS}"),
+            ("grpc_frontend", not (self.grpc_frontend == "native" and self.tls_cert is not None),
+             ("grpcio or auto with --tls-cert (pygrpc-native 0.5.0 has no TLS; --grpc-frontend native and "
+             "--tls-cert cannot be used together)")),
+            ("grpc_io_threads", self.grpc_io_threads >= 1, "an integer >= 1"),
             ("tls_key", (self.tls_cert is None) == (self.tls_key is None),
              "--tls-cert and --tls-key given together"),
             ("tls_client_ca", self.tls_client_ca is None or self.tls_cert is not None,
@@ -102,6 +115,13 @@ class ServeConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def frontend(self) -> str:
+        """The gRPC front end that runs: `auto` is native, or grpcio with TLS (native has none yet)."""
+        if self.grpc_frontend == "auto":
+            return "grpcio" if self.tls else "native"
+        return self.grpc_frontend
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None,
@@ -211,6 +231,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                                          "client left open without a message (0 = never)")
     add("--max-concurrent-rpcs", int, "RPCs handled at once, over all connections, before RESOURCE_EXHAUSTED "
                                       "(0 = no limit)")
+    add("--grpc-frontend", str, "what serves the gRPC port: native (pygrpc-native: HTTP/2 in Rust, calls "
+                                "reach Python in batches), grpcio (grpc.aio), or auto (native; grpcio with "
+                                "--tls-cert, which native does not support yet)", choices=GRPC_FRONTENDS)
+    add("--grpc-io-threads", int, "native front end: tokio threads doing the HTTP/2 and gRPC work")
     add("--tls-cert", _opt_path, "server certificate chain (PEM); enables TLS")
     add("--tls-key", _opt_path, "server private key (PEM)")
     add("--tls-client-ca", _opt_path, "CA bundle (PEM) for client certificates; enables mutual TLS")

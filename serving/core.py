@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from serving.batcher import Batcher
-from serving.budget import RESPONSE_COPIES, current_lease
+from serving.batcher import Batcher, Outputs
+from serving.budget import RESPONSE_COPIES, Lease, current_lease
 from serving.config import ServeConfig
 from serving.errors import InvalidInput, ResponseTooLarge
 from serving.metrics import Metrics
@@ -36,6 +36,21 @@ _ELBO_CHUNK_ROWS = 256
 # Runtime takes ~10-20 us for them, less than the hand-off to the runner thread and back. On a GPU every
 # batch goes to the thread (a launch and a synchronisation would hold the event loop).
 INLINE_ROWS_CPU = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One request's single batcher run, validated and with its answer's bytes reserved: the batcher to
+    run `x` on, and `finish`, which turns that run's outputs (the runner's, in manifest order) into the
+    answer. The asynchronous adapters await `run`; the native front end enqueues `x` with a callback
+    (`Batcher.enqueue`) and calls `finish` itself: the same checks and the same answer either way."""
+
+    batcher: Batcher
+    x: np.ndarray
+    finish: Callable[[Outputs], Any]
+
+    async def run(self, deadline: float | None) -> Any:
+        return self.finish(await self.batcher.submit(self.x, deadline))
 
 
 @dataclass(frozen=True)
@@ -113,17 +128,19 @@ class VaeCore:
             raise InvalidInput(field, "finite values", f"NaN or Inf in row {bad}", model)
         return arr
 
-    def check_response_size(self, field: str, rows: int, floats_per_row: int, work_floats_per_row: int = 0) -> None:
+    def check_response_size(self, field: str, rows: int, floats_per_row: int, work_floats_per_row: int = 0,
+                            lease: Lease | None = None) -> None:
         """Refuse, before any compute, a request whose answer cannot fit in --max-message-bytes, then
         reserve its answer (plus `work_floats_per_row` of outputs it needs but does not return) on the
-        RPC's lease of the bytes-in-flight budget."""
+        request's lease of the bytes-in-flight budget (`lease`, else the current task's)."""
         limit = self.config.max_message_bytes
         size = 4 * rows * floats_per_row + _RESPONSE_OVERHEAD_BYTES
         if size > limit:
             fit = max(0, (limit - _RESPONSE_OVERHEAD_BYTES) // (4 * floats_per_row))
             raise ResponseTooLarge(f"{field}: {rows} rows make a response of about {size:,} bytes, over "
                                    f"--max-message-bytes {limit:,}; at most {fit} rows fit in one response")
-        lease = current_lease.get()
+        if lease is None:
+            lease = current_lease.get()
         if lease is not None:
             lease.reserve(RESPONSE_COPIES * (size + 4 * rows * work_floats_per_row), field)
 
@@ -135,28 +152,43 @@ class VaeCore:
 
     # -- operations -----------------------------------------------------------------------------
 
-    async def run(self, model: str, x: np.ndarray, deadline: float | None = None,
-                  outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run `model` on its validated input; the named outputs (default: every one the manifest
-        declares), by name."""
+    def run_work(self, model: str, x: np.ndarray, outputs: Sequence[str] | None = None,
+                 lease: Lease | None = None) -> Work:
+        """`model` on its validated input -> the named outputs (default: every one the manifest declares),
+        by name."""
         returned = self.floats_per_row(model, outputs)
         self.check_response_size(self.graphs[model].input.name, x.shape[0], returned,
-                                 self.floats_per_row(model) - returned)
-        outs = await self.batchers[model].submit(x, deadline)
-        return {n: outs[i] for n, i in self._index[model].items() if outputs is None or n in outputs}
+                                 self.floats_per_row(model) - returned, lease)
+        index = self._index[model]
+        if outputs is not None:
+            index = {n: i for n, i in index.items() if n in outputs}
+        return Work(self.batchers[model], x, lambda outs: {n: outs[i] for n, i in index.items()})
+
+    async def run(self, model: str, x: np.ndarray, deadline: float | None = None,
+                  outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        result: dict[str, np.ndarray] = await self.run_work(model, x, outputs).run(deadline)
+        return result
+
+    def encode_work(self, x: np.ndarray, lease: Lease | None = None) -> Work:
+        """x (N, *example_shape) -> (mu (N, d), var (N, d))."""
+        self.check_response_size("x", x.shape[0], 2 * self.latent_dim, self.latent_dim, lease)  # + logvar
+        i_mu, i_var = self._i_mu, self._i_var
+        return Work(self.encoder, x, lambda outs: (outs[i_mu], outs[i_var]))
 
     async def encode(self, x: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """x (N, *example_shape) -> mu (N, d), var (N, d)."""
-        self.check_response_size("x", x.shape[0], 2 * self.latent_dim, self.latent_dim)  # + logvar
-        outs = await self.encoder.submit(x, deadline)
-        return outs[self._i_mu], outs[self._i_var]
+        result: tuple[np.ndarray, np.ndarray] = await self.encode_work(x).run(deadline)
+        return result
 
-    async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    def decode_work(self, z: np.ndarray, lease: Lease | None = None) -> Work:
         """z (N, d) -> x_mean (N, *example_shape)."""
         x_size = self.manifest.example_size
-        self.check_response_size("z", z.shape[0], x_size, self.floats_per_row("decoder") - x_size)
-        outs = await self.decoder.submit(z, deadline)
-        return outs[self._i_mean]
+        self.check_response_size("z", z.shape[0], x_size, self.floats_per_row("decoder") - x_size, lease)
+        i_mean = self._i_mean
+        return Work(self.decoder, z, lambda outs: outs[i_mean])
+
+    async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        result: np.ndarray = await self.decode_work(z).run(deadline)
+        return result
 
     def sample_z(self, count: int, seed: int | None, temperature: float | None) -> tuple[np.ndarray, int]:
         """Validate Sample's arguments and draw z (count, d) ~ N(0, temperature^2 I) from the seed.
@@ -175,16 +207,22 @@ class VaeCore:
             z *= np.float32(t)
         return z, used
 
-    async def sample(self, count: int, seed: int | None = None, temperature: float | None = None,
-                     deadline: float | None = None, return_z: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
-        """-> x (count, *example_shape), z (count, d), the seed used. The response carries z only when
+    def sample_work(self, count: int, seed: int | None = None, temperature: float | None = None,
+                    return_z: bool = True, lease: Lease | None = None) -> Work:
+        """-> (x (count, *example_shape), z (count, d), the seed used). The response carries z only when
         `return_z` (which only sizes the response check here)."""
         z, used = self.sample_z(count, seed, temperature)
         x_size = self.manifest.example_size
         self.check_response_size("count", count, x_size + (self.latent_dim if return_z else 0),
-                                 self.floats_per_row("decoder") - x_size)
-        outs = await self.decoder.submit(z, deadline)
-        return outs[self._i_mean], z, used
+                                 self.floats_per_row("decoder") - x_size, lease)
+        i_mean = self._i_mean
+        return Work(self.decoder, z, lambda outs: (outs[i_mean], z, used))
+
+    async def sample(self, count: int, seed: int | None = None, temperature: float | None = None,
+                     deadline: float | None = None, return_z: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+        result: tuple[np.ndarray, np.ndarray, int] = await self.sample_work(
+            count, seed, temperature, return_z).run(deadline)
+        return result
 
     async def reconstruct(self, x: np.ndarray, use_mean: bool = True, seed: int | None = None,
                           deadline: float | None = None) -> Reconstruction:

@@ -7,9 +7,12 @@
     ├── MemoryBusy               RESOURCE_EXHAUSTED: the bytes in flight would exceed --max-inflight-bytes
     ├── DeadlineExpired          DEADLINE_EXCEEDED: the deadline passed while the request queued
     ├── ShuttingDown             UNAVAILABLE: the server is draining
+    ├── NotFound                 NOT_FOUND: no such thing to answer about (a health service name)
+    ├── RequestTooLarge          RESOURCE_EXHAUSTED: the request is over --max-message-bytes (native front)
+    ├── TooManyRpcs              RESOURCE_EXHAUSTED: --max-concurrent-rpcs calls are in flight (native front)
     └── StartupError             not an RPC error: the server refuses to start (bad model, providers)
 
-Adapters (servicer.py, oip.py, http.py) never choose a status code themselves: `serving.rpc` calls
+Adapters (servicer.py, oip.py, http.py, native.py) never choose a status code themselves: `serving.rpc` calls
 `status_for` and `serving.http` calls `http_status_for`, which both apply `STATUS_TABLE` (the one table:
 each error's gRPC code, HTTP status and, for back-pressure, the Retry-After seconds; cancellation and
 deadlines are told apart by `status_for_cancelled`); anything not in the table is INTERNAL (HTTP 500)
@@ -79,6 +82,18 @@ class ShuttingDown(ServeError):
     """The server is draining and takes no new work."""
 
 
+class NotFound(ServeError):
+    """The request names something the server does not have (a health service name)."""
+
+
+class RequestTooLarge(ServeError):
+    """The request is larger than --max-message-bytes: refused before it is parsed."""
+
+
+class TooManyRpcs(ServeError):
+    """--max-concurrent-rpcs calls are in flight already."""
+
+
 class StartupError(ServeError):
     """The server cannot start: the model, its checksums or the providers are not as required."""
 
@@ -102,6 +117,9 @@ STATUS_TABLE: dict[type[ServeError], Status] = {
     MemoryBusy: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, 1),
     DeadlineExpired: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     ShuttingDown: Status(grpc.StatusCode.UNAVAILABLE, 503, 1),
+    NotFound: Status(grpc.StatusCode.NOT_FOUND, 404),
+    RequestTooLarge: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    TooManyRpcs: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, 1),
 }
 INTERNAL = Status(grpc.StatusCode.INTERNAL, 500)
 # HTTP statuses the HTTP layer answers itself (routing, body limits, slow bodies) -> the gRPC code they

@@ -10,7 +10,7 @@ Prometheus `/metrics`, served by aiohttp on the event loop the gRPC server runs 
     POST /v2/models/{model}[/versions/{v}]/infer     inference: JSON tensors, or the binary tensor extension
     GET  /metrics                                    Prometheus exposition (text format)
 
-`HEAD` is answered wherever `GET` is. Requests go through the same core as gRPC: `OipModels` (model,
+`HEAD` is answered wherever `GET` is. Requests go through the same data plane as gRPC: `OipModels` (model,
 version, input and output checks), `VaeCore.input_tensor` (shape, size, finite values), the batchers,
 the bytes-in-flight budget and the metrics (`vae_requests_total{method="http/ModelInfer", code}` with
 the gRPC code of the answer, so one error-ratio rule covers both protocols). Errors are
@@ -48,13 +48,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from serving.budget import REQUEST_COPIES, InflightBudget, current_lease
-from serving.config import ServeConfig
-from serving.core import VaeCore
-from serving.errors import GRPC_BY_HTTP, InvalidInput, ResponseTooLarge, ShuttingDown, http_status_for, quote
+from serving.budget import REQUEST_COPIES, current_lease
+from serving.dataplane import FP32, MODEL_VERSION, DataPlane
+from serving.errors import GRPC_BY_HTTP, InvalidInput, ResponseTooLarge, ShuttingDown, quote
 from serving.jsoncodec import JsonPool, Problem, encode_response, parse_request
-from serving.metrics import Metrics
-from serving.oip import FP32, MODEL_VERSION, OipModels
+from serving.scope import RequestScope
 from serving.tensors import F32
 
 logger = logging.getLogger(__name__)
@@ -113,17 +111,17 @@ def _shown(v: Any) -> str:
 class HttpServer:
     """The HTTP port of one server: `start` binds, `close` stops taking connections, `shutdown` drains."""
 
-    def __init__(self, core: VaeCore, metrics: Metrics, registry: CollectorRegistry, config: ServeConfig,
-                 budget: InflightBudget, ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
-        self.core = core
-        self.oip = OipModels(core)
-        self.metrics = metrics
+    def __init__(self, plane: DataPlane, registry: CollectorRegistry,
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
+        self.core = plane.core
+        self.oip = plane.oip
+        self.metrics = metrics = plane.metrics
         self.registry = registry
-        self.config = config
-        self.budget = budget
+        self.config = plane.config
+        self.budget = plane.budget
         self.ssl_context = ssl_context
         self.reuse_port = reuse_port  # --workers: every worker listens on the port (SO_REUSEPORT)
-        self.max_body = config.max_message_bytes
+        self.max_body = plane.config.max_message_bytes
         self._web: web.Server | None = None
         self._json = JsonPool()
         self.closing = False  # after the drain delay: new requests get 503 and their connection closes
@@ -198,11 +196,8 @@ class HttpServer:
             allow = "GET, HEAD" if method == "GET" else method
             return _json({"error": f"{quote(path)}: expected {method}, got {quote(request.method)}"}, 405,
                          {"Allow": allow})
-        mm = self._mm[name]
-        mm.started()
-        t0 = time.perf_counter()
-        lease = self.budget.lease()
-        token = current_lease.set(lease)
+        scope = RequestScope(self._mm[name], self.budget)
+        token = current_lease.set(scope.lease)
         self._inflight += 1
         self._idle.clear()
         self._last_request = asyncio.get_running_loop().time()
@@ -210,24 +205,20 @@ class HttpServer:
             if self.closing and name == "ModelInfer":
                 raise ShuttingDown("the server is shutting down; send to another replica")
             response = await handler(request, parts)
-            code = "OK"
+            scope.ok()
         except HttpError as e:
-            code = GRPC_BY_HTTP.get(e.status, GRPC_BY_HTTP[400]).name
+            scope.end_with(GRPC_BY_HTTP.get(e.status, GRPC_BY_HTTP[400]).name)
             response = _json({"error": str(e)}, e.status, e.headers)
         except Exception as e:  # noqa: BLE001  # every error becomes its status (500 if unexpected, logged)
-            status, message = http_status_for(e, "http/" + name)
-            code = status.grpc.name
-            if isinstance(e, InvalidInput):
-                self.metrics.count_invalid(e.model)
+            status, message = scope.failed(e, self.metrics)
             headers = {"Retry-After": str(status.retry_after_s)} if status.retry_after_s else None
             response = _json({"error": message}, status.http, headers)
         finally:
-            lease.release()
+            scope.lease.release()  # (ended scopes released it already; a second release gives back nothing)
             current_lease.reset(token)
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
-        mm.finished(code, time.perf_counter() - t0)
         if request.method == "HEAD":
             response.body = b""
         if self.closing:
@@ -321,7 +312,7 @@ class HttpServer:
 
     async def _infer(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
         name, version = self._model_version(parts)
-        oip, core = self.oip, self.core
+        oip = self.oip
         spec = oip.model(name, version)
         header_len_raw = request.headers.get(HEADER_LENGTH)
         body = await self._read_body(request, REQUEST_COPIES if header_len_raw is not None else JSON_REQUEST_COPIES)
@@ -376,12 +367,10 @@ class HttpServer:
                 raise InvalidInput(where + ".data", "the tensor's values as a list of numbers (or "
                                    "parameters.binary_data_size)", got, name)
             data = t["_data"]
-        arr = core.input_tensor(name, where, shape, data)
         outputs = _field(req, "outputs", list, "outputs", "a list of {name, parameters}", name, [])
         if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
             raise InvalidInput("outputs", "a list of objects with a name", _shown(outputs), name)
-        requested = [o["name"] for o in outputs]
-        wanted = oip.outputs(name, spec, requested)
+        work, wanted = oip.infer_work(name, spec, where, shape, data, [o["name"] for o in outputs])
         all_binary = _field(params, "binary_data_output", bool, "parameters.binary_data_output", "true or false",
                             name, False)
         as_binary = {n: all_binary for n in wanted}
@@ -390,7 +379,7 @@ class HttpServer:
             as_binary[o["name"]] = _field(op, "binary_data", bool, f"outputs[{o['name']!r}].parameters.binary_data",
                                           "true or false", name, all_binary)
         del body, head, binary, data
-        results = await core.run(name, arr, self._deadline(request, params, name), requested or None)
+        results = await work.run(self._deadline(request, params, name))
         return await self._answer(req, name, wanted, as_binary, results)
 
     def _deadline(self, request: web.BaseRequest, params: dict[str, Any], model: str) -> float | None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from serving.workers import MULTIPROC_ENV
+from serving.config import MULTIPROC_ENV
 
 # Request latency: 50 us .. 10 s, roughly x2 apart, so p99 can be aggregated across replicas.
 LATENCY_BUCKETS_S: tuple[float, ...] = (

@@ -3,8 +3,8 @@
 Models: `encoder` and `decoder`, version "1" (the manifest version is accepted too). Their inputs and
 outputs are the manifest's graph specs, every one of them (encoder x -> mu, var, logvar; decoder z ->
 x_mean plus logits or x_var): ModelMetadata says exactly what the ONNX graphs produce, and ModelInfer
-returns any of them. `OipModels` holds what the gRPC adapter here and the REST one (`serving.http`)
-share. ModelInfer goes through the same validation, batcher, deadlines, back-pressure and
+returns any of them. `serving.dataplane.OipModels` holds what this adapter, the native front end and the
+REST one (`serving.http`) share. ModelInfer goes through the same validation, batcher, deadlines, back-pressure and
 metrics as vae.v1.VaeService (`serving.rpc`, `VaeCore.input_tensor`); errors are the codes Triton gives:
 INVALID_ARGUMENT for an unknown model, input name, datatype, shape or size, and for raw and typed
 contents mixed.
@@ -24,12 +24,11 @@ from typing import Any, ClassVar
 import grpc
 import numpy as np
 
-from serving import __version__
 from serving._proto.inference import grpc_service_pb2 as pb
-from serving.core import VaeCore
+from serving.budget import Lease, current_lease
+from serving.core import Work
+from serving.dataplane import FP32, MODEL_VERSION, DataPlane, output_list
 from serving.errors import InvalidInput
-from serving.manifest import GraphSpec, TensorSpec
-from serving.metrics import Metrics
 from serving.rpc import StreamCodec, deadline_of
 from serving.tensors import (
     F32,
@@ -42,12 +41,6 @@ from serving.tensors import (
 )
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-SERVER_NAME = "vae-serve"
-PLATFORM = "onnxruntime_onnx"
-MODEL_VERSION = "1"
-# Manifest dtype -> Open Inference Protocol datatype (the export writes float32 only).
-DATATYPES = {"float32": "FP32"}
-FP32 = DATATYPES["float32"]
 _INFER_RESPONSE = field_tag(pb.ModelStreamInferResponse.DESCRIPTOR.fields_by_name["infer_response"].number)
 
 
@@ -63,55 +56,6 @@ def _stream_error(request: pb.ModelInferRequest | None, code: grpc.StatusCode, t
 
 STREAMS = {"ModelStreamInfer": StreamCodec(unary="ModelInfer", inner=lambda r: r, ok=_stream_ok,
                                            error=_stream_error)}
-
-
-class OipModels:
-    """The Open Inference Protocol's models, protocol-free: what gRPC (`OipServicer`) and REST
-    (`serving.http`) share. Names, versions, metadata, and every check of an infer request that does not
-    depend on how its tensors are encoded; the adapters only unpack their encoding."""
-
-    def __init__(self, core: VaeCore) -> None:
-        self.core = core
-        self.models: dict[str, GraphSpec] = dict(core.graphs)
-        self.versions = ("", MODEL_VERSION, core.manifest.version)
-        self.metadata: dict[str, dict[str, Any]] = {
-            name: {"name": name, "versions": [MODEL_VERSION], "platform": PLATFORM,
-                   "inputs": [{"name": t.name, "datatype": DATATYPES[t.dtype], "shape": list(t.shape)}
-                              for t in g.inputs],
-                   "outputs": [{"name": t.name, "datatype": DATATYPES[t.dtype], "shape": list(t.shape)}
-                               for t in g.outputs]}
-            for name, g in self.models.items()}
-        self.server_metadata: dict[str, Any] = {"name": SERVER_NAME, "version": __version__, "extensions": []}
-
-    def model(self, name: str, version: str) -> GraphSpec:
-        spec = self.models.get(name)
-        if spec is None:
-            raise InvalidInput("model_name", f"one of {sorted(self.models)}", repr(name))
-        if version not in self.versions:
-            raise InvalidInput("model_version", f"'', {MODEL_VERSION!r} or {self.core.manifest.version!r}",
-                               repr(version), name)
-        return spec
-
-    def model_ready(self, name: str, version: str) -> bool:
-        return name in self.models and version in self.versions and self.core.ready
-
-    def check_input(self, model: str, spec: GraphSpec, names: list[str], datatype: str) -> TensorSpec:
-        """The request names one input, the model's, with its datatype; that input's spec."""
-        want = spec.input
-        if len(names) != 1 or names[0] != want.name:
-            raise InvalidInput("inputs", f"one input named {want.name!r}", str(names), model)
-        if datatype != DATATYPES[want.dtype]:
-            raise InvalidInput(f"inputs[{want.name!r}].datatype", DATATYPES[want.dtype], repr(datatype), model)
-        return want
-
-    def outputs(self, model: str, spec: GraphSpec, requested: list[str]) -> list[str]:
-        """The outputs to return: those requested (each one the model has), else all of them."""
-        declared = spec.output_names()
-        wanted = requested or declared
-        unknown = [n for n in wanted if n not in declared]
-        if unknown:
-            raise InvalidInput("outputs", f"names among {declared}", str(unknown), model)
-        return wanted
 
 
 # Requests larger than this have their raw tensors taken out of the wire bytes before parsing
@@ -199,16 +143,18 @@ _CONTENTS = field_tag(pb.ModelInferResponse.InferOutputTensor.DESCRIPTOR.fields_
 
 
 class OipServicer:
-    """Open Inference Protocol over the shared core (registered by `serving.rpc.add_service`)."""
+    """Open Inference Protocol over the data plane (registered by `serving.rpc.add_service`; the native
+    front end runs `batched` methods through a batcher callback, the rest as the coroutines below)."""
 
     streams = STREAMS
     parsers: ClassVar[Mapping[str, Callable[[bytes], Any]]] = {
         "ModelInfer": parse_infer_request, "ModelStreamInfer": parse_infer_request}
 
-    def __init__(self, core: VaeCore, metrics: Metrics) -> None:
-        self.core = core
-        self.metrics = metrics
-        self.oip = OipModels(core)
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.core = plane.core
+        self.metrics = plane.metrics
+        self.oip = plane.oip
         self._response = InferResponseWriter()
         meta = pb.ModelMetadataResponse.TensorMetadata
         self._metadata = {
@@ -216,6 +162,7 @@ class OipServicer:
                 name=name, versions=m["versions"], platform=m["platform"],
                 inputs=[meta(**t) for t in m["inputs"]], outputs=[meta(**t) for t in m["outputs"]])
             for name, m in self.oip.metadata.items()}
+        self.batched: Mapping[str, Callable[[Any, Lease | None], Work]] = {"ModelInfer": self.infer_work}
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -238,8 +185,9 @@ class OipServicer:
         self.oip.model(request.name, request.version)
         return self._metadata[request.name]
 
-    async def ModelInfer(self, request: pb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> bytes:
+    def infer_work(self, request: pb.ModelInferRequest, lease: Lease | None) -> Work:
+        """ModelInfer up to the batcher: unpack the tensor, check it, and say how the outputs become the
+        serialised ModelInferResponse."""
         name = request.model_name
         oip = self.oip
         spec = oip.model(name, request.model_version)
@@ -247,7 +195,6 @@ class OipServicer:
         oip.check_input(name, spec, [i.name for i in request.inputs], t.datatype if t is not None else "")
         assert t is not None
         raw = len(request.raw_input_contents) > 0
-        core = self.core
         if raw:
             if t.HasField("contents"):
                 raise InvalidInput(f"inputs[{t.name!r}].contents",
@@ -255,14 +202,16 @@ class OipServicer:
             if len(request.raw_input_contents) != 1:
                 raise InvalidInput("raw_input_contents", "one entry per input (1)",
                                    f"{len(request.raw_input_contents)} entries", name)
-            arr = core.input_tensor(name, t.name, t.shape, request.raw_input_contents[0])
+            data = request.raw_input_contents[0]
         else:
             data = fp32_contents_bytes(t.contents)
             if data is None:
                 raise InvalidInput(f"inputs[{t.name!r}].contents", "fp32_contents only (datatype FP32)",
                                    "other typed contents", name)
-            arr = core.input_tensor(name, t.name, t.shape, data)
-        requested = [o.name for o in request.outputs]
-        wanted = oip.outputs(name, spec, requested)
-        results = await core.run(name, arr, deadline_of(context), requested or None)
-        return self._response.serialize(name, request.id, [(n, results[n]) for n in wanted], raw)
+        work, wanted = oip.infer_work(name, spec, t.name, t.shape, data, [o.name for o in request.outputs], lease)
+        serialize, rid, finish = self._response.serialize, request.id, work.finish
+        return Work(work.batcher, work.x, lambda outs: serialize(name, rid, output_list(finish(outs), wanted), raw))
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
+        answer: bytes = await self.infer_work(request, current_lease.get()).run(deadline_of(context))
+        return answer

@@ -11,8 +11,10 @@ so that, in one place and the same way for every RPC (probes included):
   RESOURCE_EXHAUSTED when it is larger than `--max-message-bytes` (grpcio would fail it after the
   handler returned, with OK in the metrics);
 - the outcome is counted (`vae_requests_total{method, code}` with the code actually sent, latency,
-  in-flight) and any exception becomes its status code through `serving.errors.status_for`;
-- an InvalidInput that names its model counts in `vae_rejections_total{reason="invalid"}`;
+  in-flight) and any exception becomes its status code through `serving.errors`' one table;
+- an InvalidInput that names its model counts in `vae_rejections_total{reason="invalid"}`
+  (all of which, with the lease below and the deadline, is `serving.scope.RequestScope`, the one request
+  wrapper that the native front end and the HTTP port use too);
 - the RPC holds a lease on the bytes-in-flight budget (`serving.budget`) for its request and response.
 
 Bidirectional streams (`_stream`) reuse all of that per message. An adapter lists its streams in
@@ -20,7 +22,7 @@ Bidirectional streams (`_stream`) reuse all of that per message. An adapter list
 and how a stream message wraps a unary request and response. Every message read from a stream is
 parsed, checked and run by that unary method exactly as a unary call would be (same errors, batcher,
 limits, bytes-in-flight lease, the stream's deadline), and gets one answer message: the unary response,
-or an error message built by the codec from `status_for`'s code and text (the stream stays open).
+or an error message built by the codec from the table's code and text (the stream stays open).
 Messages are handled concurrently, so answers may leave out of order (the codec carries the id).
 Metrics count each message as one request of the stream method (`vae_requests_total{method=
 "ModelStreamInfer"}`), `vae_open_streams` the open streams.
@@ -47,9 +49,10 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from serving.budget import REQUEST_COPIES, InflightBudget, Lease, current_lease
-from serving.errors import InvalidInput, ResponseTooLarge, status_for, status_for_cancelled
+from serving.budget import InflightBudget, Lease, current_lease
+from serving.errors import InvalidInput, ResponseTooLarge, Status
 from serving.metrics import MethodMetrics, Metrics
+from serving.scope import RequestScope
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _parse(parse: Callable[[bytes], Any], data: bytes, request_type: str) -> Any:
+def parse_request(parse: Callable[[bytes], Any], data: bytes, request_type: str) -> Any:
     try:
         return parse(data)
     except DecodeError:
@@ -97,26 +100,19 @@ def _parse(parse: Callable[[bytes], Any], data: bytes, request_type: str) -> Any
                            f"{len(data)} bytes that do not parse as one") from None
 
 
-def _wire(response: Message | bytes) -> bytes:
+def wire(response: Message | bytes) -> bytes:
     """A handler's answer on the wire: adapters may return a message or its serialised bytes."""
     return response if type(response) is bytes else response.SerializeToString()  # type: ignore[union-attr]
 
 
-def _checked_size(out: bytes, max_response_bytes: int) -> bytes:
+def check_size(out: bytes, max_response_bytes: int) -> bytes:
     if len(out) > max_response_bytes:
         raise ResponseTooLarge(f"response: {len(out):,} bytes, over --max-message-bytes "
                                f"{max_response_bytes:,}; ask for fewer rows per request")
     return out
 
 
-def _failure(e: Exception, method: str, metrics: Metrics) -> tuple[grpc.StatusCode, str]:
-    """The status of a failed request (unary call or stream message), counting invalid input per model."""
-    if isinstance(e, InvalidInput):
-        metrics.count_invalid(e.model)
-    return status_for(e, method)
-
-
-def _parser(adapter: Adapter, method: MethodDescriptor) -> Callable[[bytes], Any]:
+def parser_of(adapter: Adapter, method: MethodDescriptor) -> Callable[[bytes], Any]:
     """How the requests of `method` are parsed: the adapter's own parser for it, else protobuf's."""
     own = getattr(adapter, "parsers", {}).get(method.name)
     return own if own is not None else GetMessageClass(method.input_type).FromString
@@ -125,35 +121,30 @@ def _parser(adapter: Adapter, method: MethodDescriptor) -> Callable[[bytes], Any
 def _unary(method: MethodDescriptor, impl: Handler, mm: MethodMetrics, metrics: Metrics,
            max_response_bytes: int, budget: InflightBudget, parse: Callable[[bytes], Any]
            ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
-    name = method.name
     request_type = method.input_type.full_name
 
     async def handler(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        mm.started()
-        t0 = time.perf_counter()
-        lease = budget.lease()
-        token = current_lease.set(lease)
-        failure: tuple[grpc.StatusCode, str] | None = None
+        scope = RequestScope(mm, budget, deadline_of(context))
+        token = current_lease.set(scope.lease)
+        failure: tuple[Status, str] | None = None
         try:
-            lease.reserve(REQUEST_COPIES * len(data), "request")
-            request = _parse(parse, data, request_type)
-            out = _checked_size(_wire(await impl(request, context)), max_response_bytes)
+            scope.reserve_request(len(data))
+            request = parse_request(parse, data, request_type)
+            out = check_size(wire(await impl(request, context)), max_response_bytes)
         except asyncio.CancelledError:
-            mm.finished(status_for_cancelled(context.time_remaining()).name, time.perf_counter() - t0)
+            scope.cancelled()
             raise
         except Exception as e:  # noqa: BLE001  # every error becomes its status (INTERNAL if unexpected, logged)
-            failure = _failure(e, name, metrics)
+            failure = scope.failed(e, metrics)
         finally:
-            lease.release()
             current_lease.reset(token)
         if failure is not None:
             # Abort outside the except block, holding nothing: the abort's exception then keeps no
             # traceback chain to this frame, whose request bytes would otherwise live until a GC cycle.
             del data
             request, out = None, b""
-            mm.finished(failure[0].name, time.perf_counter() - t0)
-            await context.abort(*failure)
-        mm.finished("OK", time.perf_counter() - t0)
+            await context.abort(failure[0].grpc, failure[1])
+        scope.ok()
         return out
 
     return handler
@@ -217,30 +208,26 @@ def _stream(method: MethodDescriptor, codec: StreamCodec, impl: Handler, mm: Met
     name = method.name
     request_type = method.input_type.full_name
     inner, ok, error = codec.inner, codec.ok, codec.error
-    perf_counter = time.perf_counter
 
-    async def message(st: _Stream, data: bytes, t0: float) -> None:
+    async def message(st: _Stream, data: bytes, scope: RequestScope) -> None:
         """One message, start to answer: the unary path of `_unary` with the failure as an answer."""
-        lease = budget.lease()
-        current_lease.set(lease)  # this task's own context: the core reserves the response on it
+        current_lease.set(scope.lease)  # this task's own context: the core reserves the response on it
         request: Any = None
         try:
-            request = _parse(parse, data, request_type)  # first: even a refusal must carry the id
-            lease.reserve(REQUEST_COPIES * len(data), "request")
-            body = _wire(await impl(inner(request), st.context))
-            out = _checked_size(ok(request, body), max_response_bytes)
-            code = "OK"
+            request = parse_request(parse, data, request_type)  # first: even a refusal must carry the id
+            scope.reserve_request(len(data))
+            body = wire(await impl(inner(request), st.context))
+            out = check_size(ok(request, body), max_response_bytes)
         except asyncio.CancelledError:
-            lease.release()
-            mm.finished(status_for_cancelled(st.context.time_remaining()).name, perf_counter() - t0)
+            scope.cancelled()
             raise
         except Exception as e:  # noqa: BLE001  # every error becomes an answer (INTERNAL if unexpected, logged)
-            status, text = _failure(e, name, metrics)
-            out, code = error(request, status, text), status.name
+            status, text = scope.failed(e, metrics, release=False)
+            out = error(request, status.grpc, text)
         del data, request
-        mm.finished(code, perf_counter() - t0)
+        scope.ok(release=False)  # the lease is given back once the answer is written (`_Stream.send`)
         try:
-            await st.send(out, lease)
+            await st.send(out, scope.lease)
         except Exception as e:  # noqa: BLE001  # the stream has ended under us; its handler cleans up
             logger.debug("%s: answer not written: %r", name, e)
 
@@ -248,6 +235,7 @@ def _stream(method: MethodDescriptor, codec: StreamCodec, impl: Handler, mm: Met
         st = _Stream(context)
         read, create_task = context.read, asyncio.get_running_loop().create_task
         tasks = st.tasks
+        deadline = deadline_of(context)
         mm.streams += 1
         try:
             while True:
@@ -257,8 +245,7 @@ def _stream(method: MethodDescriptor, codec: StreamCodec, impl: Handler, mm: Met
                 if data is grpc.aio.EOF:
                     break
                 st.inflight += 1
-                mm.started()
-                task = create_task(message(st, data, perf_counter()))
+                task = create_task(message(st, data, RequestScope(mm, budget, deadline)))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await st.wait_below(1)  # the client half-closed: answer everything read, then end with OK
@@ -271,13 +258,35 @@ def _stream(method: MethodDescriptor, codec: StreamCodec, impl: Handler, mm: Met
     return handler
 
 
+def _server_stream(method: MethodDescriptor, impl: Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]],
+                   parse: Callable[[bytes], Any]) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[None]]:
+    """A server-streaming method (the adapter writes with `context.write`): its request parsed here, so
+    that bytes that do not parse are INVALID_ARGUMENT as everywhere else."""
+    request_type = method.input_type.full_name
+
+    async def handler(data: bytes, context: grpc.aio.ServicerContext) -> None:
+        try:
+            request = parse_request(parse, data, request_type)
+        except InvalidInput as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        await impl(request, context)
+
+    return handler
+
+
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, adapter: Adapter,
                 max_response_bytes: int, budget: InflightBudget, max_stream_inflight: int = 64) -> None:
     """Register every RPC of `service` on `server`: unary ones served by the adapter's method of that
-    name, bidirectional streams by the adapter's `streams` codec over its unary method."""
+    name, bidirectional streams by the adapter's `streams` codec over its unary method, server streams
+    (Health/Watch) by the adapter's method writing to its context."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     streams = adapter.streams
     for method in service.methods:
+        if method.server_streaming and not method.client_streaming:  # Health/Watch: parsed here, no metrics
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _server_stream(method, getattr(adapter, method.name), parser_of(adapter, method)),
+                response_serializer=wire)
+            continue
         if method.client_streaming or method.server_streaming:
             codec = streams.get(method.name)
             if codec is None or not (method.client_streaming and method.server_streaming):
@@ -286,7 +295,7 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, adapter: Ad
             mm = adapter.metrics.method_metrics(method.name, stream=True)
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(_stream(  # bytes in, bytes out
                 method, codec, getattr(adapter, codec.unary), mm, adapter.metrics, max_response_bytes, budget,
-                max_stream_inflight, _parser(adapter, method)))
+                max_stream_inflight, parser_of(adapter, method)))
             continue
         impl = getattr(adapter, method.name, None)
         if impl is None:
@@ -294,6 +303,6 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, adapter: Ad
         mm = adapter.metrics.method_metrics(method.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _unary(method, impl, mm, adapter.metrics, max_response_bytes, budget,
-                   _parser(adapter, method)))  # bytes in, bytes out
+                   parser_of(adapter, method)))  # bytes in, bytes out
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

@@ -17,25 +17,33 @@ drain delay.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import shutil
 import signal
 import ssl
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from serving import oip, servicer
 from serving.budget import InflightBudget
 from serving.config import ServeConfig, write_ready_file
 from serving.core import VaeCore
-from serving.errors import StartupError
+from serving.dataplane import DataPlane
+from serving.errors import NotFound, StartupError, quote
 from serving.http import HttpServer
 from serving.metrics import REFRESH_S, Metrics
-from serving.rpc import add_service
+from serving.native import NativeFront
+from serving.rpc import Adapter, StreamCodec, add_service
 from serving.runtime import load_model
 
 logger = logging.getLogger(__name__)
@@ -43,15 +51,31 @@ logger = logging.getLogger(__name__)
 HEALTH_NAMES: tuple[str, ...] = ("", servicer.SERVICE.full_name, oip.SERVICE.full_name)
 # Concurrent RPCs a connection may open (HTTP/2 streams): bounds what idle or half-closed calls can pin.
 MAX_CONCURRENT_STREAMS = 1024
+# Native front end: how long the port stays open after the fallback server stopped, for its last answers.
+FALLBACK_LINGER_S = 0.1
 
 
 class Health(health.aio.HealthServicer):
-    """grpc.health.v1 whose Watch streams end when the server stops taking RPCs: an open Watch must not
-    hold the process for the whole grace period."""
+    """grpc.health.v1, registered like every other adapter (`serving.rpc.add_service`, and natively on the
+    native front end): bodies that do not parse are INVALID_ARGUMENT, an unknown service NOT_FOUND. Watch
+    streams end when the server stops taking RPCs: an open Watch must not hold the process for the whole
+    grace period."""
 
-    def __init__(self) -> None:
+    SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    streams: ClassVar[dict[str, StreamCodec]] = {}
+
+    def __init__(self, metrics: Metrics) -> None:
         super().__init__()
+        self.metrics = metrics
         self._closing = asyncio.Event()
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        status = self._server_status.get(request.service)
+        if status is None:
+            raise NotFound(f"service: expected one of {sorted(self._server_status)}, "
+                           f"got {quote(repr(request.service))}")
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
         watch = asyncio.ensure_future(super().Watch(request, context))
@@ -66,12 +90,52 @@ class Health(health.aio.HealthServicer):
         self._closing.set()
 
 
+class GrpcFront(Protocol):
+    """The gRPC port, whichever library serves it."""
+
+    port: int
+
+    async def stop(self, grace_s: float) -> None: ...
+
+
+class GrpcioFront:
+    """The gRPC port served by grpc.aio (`--grpc-frontend grpcio`, and with TLS)."""
+
+    def __init__(self, server: grpc.aio.Server, port: int) -> None:
+        self.server = server
+        self.port = port
+
+    async def stop(self, grace_s: float) -> None:
+        await self.server.stop(grace_s)
+
+
+class NativeWithFallback:
+    """The gRPC port served by pygrpc-native (`serving.native`), with the grpcio server on a private Unix
+    socket behind it for what it does not serve natively (streams, Health/Watch, reflection)."""
+
+    def __init__(self, native: NativeFront, fallback: grpc.aio.Server, socket_dir: str) -> None:
+        self.native = native
+        self.fallback = fallback
+        self.socket_dir = socket_dir
+        self.port = native.port
+
+    async def stop(self, grace_s: float) -> None:
+        try:
+            await asyncio.gather(self.native.drain(grace_s), self.fallback.stop(grace_s))
+            # The fallback's last messages (a Watch's NOT_SERVING, a stream's trailers) are still passing
+            # through the native front to their clients: closing it at once would cut them off.
+            await asyncio.sleep(FALLBACK_LINGER_S)
+            await self.native.close()
+        finally:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
 @dataclass
 class RunningServer:
     """A started server; `stop` drains it. Handy for in-process use and tests."""
 
     config: ServeConfig
-    server: grpc.aio.Server
+    front: GrpcFront
     core: VaeCore
     metrics: Metrics
     health: Health
@@ -97,9 +161,9 @@ class RunningServer:
         logger.info("shutting down: refusing new RPCs, draining in-flight RPCs for up to %.1f s", grace)
         self.health.close_watches()
         if self.http_server is not None:
-            await asyncio.gather(self.server.stop(grace), self.http_server.shutdown(grace))
+            await asyncio.gather(self.front.stop(grace), self.http_server.shutdown(grace))
         else:
-            await self.server.stop(grace)
+            await self.front.stop(grace)
         await self.core.close()
         if self.refresher is not None:
             self.refresher.cancel()
@@ -157,62 +221,97 @@ async def start(config: ServeConfig, reuse_port: bool = False,
     metrics.set_model_info(model.manifest.name, model.manifest.version, model.providers)
     core = VaeCore(model, config, metrics)
     core.start()
-    server: grpc.aio.Server | None = None
+    front: GrpcFront | None = None
     http_server: HttpServer | None = None
     try:
-        options: list[tuple[str, int]] = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
-            ("grpc.so_reuseport", int(reuse_port)),
-        ]
-        if config.max_connection_age_s > 0:
-            # grpc.aio never answers a unary call whose client half-closes without sending a message
-            # (its handler returns without a status); only the connection's end frees such calls.
-            options += [("grpc.max_connection_age_ms", int(1e3 * config.max_connection_age_s)),
-                        ("grpc.max_connection_age_grace_ms", int(1e3 * config.grace_period_s))]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
-        budget = InflightBudget(config.max_inflight_bytes)
-        for service, adapter in ((servicer.SERVICE, servicer.VaeServicer(core, metrics)),
-                                 (oip.SERVICE, oip.OipServicer(core, metrics))):
-            add_service(server, service, adapter, config.max_message_bytes, budget, config.max_stream_inflight)
-        health_servicer = Health()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (*HEALTH_NAMES[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
-        address = f"{config.host}:{config.port}"
-        creds = _credentials(config)
-        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"port: cannot bind {address}")
+        plane = DataPlane(core, metrics, InflightBudget(config.max_inflight_bytes))
+        health_servicer = Health(metrics)
+        services: list[tuple[ServiceDescriptor, Adapter]] = [
+            (servicer.SERVICE, servicer.VaeServicer(plane)), (oip.SERVICE, oip.OipServicer(plane)),
+            (Health.SERVICE, health_servicer)]
+        front = await _grpc_front(config, plane, services, reuse_port)
         http_port = -1
         if config.http_port >= 0:
-            http_server = HttpServer(core, metrics, metrics.exposition_registry, config, budget,
-                                     tls if config.http_tls else None, reuse_port=reuse_port)
+            http_server = HttpServer(plane, metrics.exposition_registry, tls if config.http_tls else None,
+                                     reuse_port=reuse_port)
             http_port = await http_server.start()
-        await server.start()
         if serving_gate is not None:
             await serving_gate()
         core.ready = True  # gates the OIP ServerReady/ModelReady answers; set before health says SERVING
         for name in HEALTH_NAMES:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         refresher = asyncio.ensure_future(_refresh_metrics(metrics)) if metrics.multiprocess else None
-        running = RunningServer(config, server, core, metrics, health_servicer, port, http_port, http_server,
+        running = RunningServer(config, front, core, metrics, health_servicer, front.port, http_port, http_server,
                                 refresher)
     except BaseException:
         # A failed start (port in use, TLS files unreadable, ...) must not leave runner threads,
         # wake-up pipes or a half-started server behind.
-        if server is not None:
-            await server.stop(0)
+        if front is not None:
+            await front.stop(0)
         if http_server is not None:
             await http_server.shutdown(0)
         await core.close()
         raise
-    logger.info("SERVING on %s (grpc port %d, http port %d%s) in %.0f ms", config.host, port, http_port,
-                ", TLS" + (" + client auth" if config.tls_client_ca else "") if creds else "",
-                1e3 * (time.perf_counter() - t0))
+    logger.info("SERVING on %s (grpc port %d, %s front end%s; http port %d) in %.0f ms", config.host, front.port,
+                config.frontend, ", TLS" + (" + client auth" if config.tls_client_ca else "") if config.tls else "",
+                http_port, 1e3 * (time.perf_counter() - t0))
     return running
+
+
+def _grpc_server(config: ServeConfig, plane: DataPlane, services: list[tuple[ServiceDescriptor, Adapter]],
+                 reuse_port: bool) -> grpc.aio.Server:
+    """A grpc.aio server with every service (the grpcio front end, or the native one's fallback)."""
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+        ("grpc.so_reuseport", int(reuse_port)),
+    ]
+    if config.max_connection_age_s > 0:
+        # grpc.aio never answers a unary call whose client half-closes without sending a message
+        # (its handler returns without a status); only the connection's end frees such calls.
+        options += [("grpc.max_connection_age_ms", int(1e3 * config.max_connection_age_s)),
+                    ("grpc.max_connection_age_grace_ms", int(1e3 * config.grace_period_s))]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+    for service, adapter in services:
+        add_service(server, service, adapter, config.max_message_bytes, plane.budget, config.max_stream_inflight)
+    reflection.enable_server_reflection(
+        (*(service.full_name for service, _ in services), reflection.SERVICE_NAME), server)
+    return server
+
+
+async def _grpc_front(config: ServeConfig, plane: DataPlane, services: list[tuple[ServiceDescriptor, Adapter]],
+                      reuse_port: bool) -> GrpcFront:
+    """Bind and start the gRPC port with the configured front end."""
+    address = f"{config.host}:{config.port}"
+    if config.frontend == "grpcio":
+        if config.tls and config.grpc_frontend == "auto":
+            logger.info("TLS: the gRPC port uses the grpcio front end (pygrpc-native 0.5.0 has no TLS)")
+        server = _grpc_server(config, plane, services, reuse_port)
+        creds = _credentials(config)
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"port: cannot bind {address}")
+        await server.start()
+        return GrpcioFront(server, port)
+    # The fallback gets no connection age: its only client is the native front, in this process.
+    fallback = _grpc_server(dataclasses.replace(config, max_connection_age_s=0), plane, services, False)
+    socket_dir = tempfile.mkdtemp(prefix="vae-serve-grpc-")
+    path = os.path.join(socket_dir, "fallback.sock")
+    try:
+        fallback.add_insecure_port(f"unix:{path}")
+        await fallback.start()
+        try:
+            native = NativeFront(plane, services, MAX_CONCURRENT_STREAMS, reuse_port)
+        except OSError as e:
+            raise OSError(f"port: cannot bind {address} ({e})") from e
+        native.set_fallback(path)
+        native.start()
+    except BaseException:
+        await fallback.stop(0)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+        raise
+    return NativeWithFallback(native, fallback, socket_dir)
 
 
 async def serve(config: ServeConfig, reuse_port: bool = False,

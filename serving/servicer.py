@@ -10,14 +10,17 @@ response or a `Status` (code, message) saying why that message failed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
 from google.protobuf.message_factory import GetMessageClass
 
 from serving._proto.vae.v1 import vae_service_pb2 as pb
-from serving.core import VaeCore
-from serving.metrics import Metrics
+from serving.batcher import Outputs
+from serving.budget import Lease, current_lease
+from serving.core import Work
+from serving.dataplane import DataPlane
 from serving.rpc import StreamCodec, deadline_of
 from serving.tensors import field_tag, length_delimited, to_tensor
 
@@ -55,29 +58,57 @@ def public_manifest(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 class VaeServicer:
-    """The vae.v1.VaeService RPCs (registered by `serving.rpc.add_service`)."""
+    """The vae.v1.VaeService RPCs (registered by `serving.rpc.add_service`; the native front end runs the
+    `batched` ones through a batcher callback, the rest as the coroutines below)."""
 
     streams = STREAMS
 
-    def __init__(self, core: VaeCore, metrics: Metrics) -> None:
-        self.core = core
-        self.metrics = metrics
+    def __init__(self, plane: DataPlane) -> None:
+        self.core = core = plane.core
+        self.metrics = plane.metrics
         self._info = pb.GetModelInfoResponse(**core.info(), manifest_json=json.dumps(public_manifest(core.manifest.raw)))
+        self.batched: Mapping[str, Callable[[Any, Lease | None], Work]] = {
+            "Encode": self.encode_work, "Decode": self.decode_work, "Sample": self.sample_work}
 
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
-        x = self.core.input_tensor("encoder", "x", request.x.shape, request.x.data)
-        mu, var = await self.core.encode(x, deadline_of(context))
-        return pb.EncodeResponse(mu=to_tensor(mu), var=to_tensor(var))
+    def encode_work(self, request: pb.EncodeRequest, lease: Lease | None) -> Work:
+        work = self.core.encode_work(self.core.input_tensor("encoder", "x", request.x.shape, request.x.data), lease)
+        finish = work.finish
 
-    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
-        z = self.core.input_tensor("decoder", "z", request.z.shape, request.z.data)
-        return pb.DecodeResponse(x=to_tensor(await self.core.decode(z, deadline_of(context))))
+        def answer(outs: Outputs) -> pb.EncodeResponse:
+            mu, var = finish(outs)
+            return pb.EncodeResponse(mu=to_tensor(mu), var=to_tensor(var))
 
-    async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
+        return Work(work.batcher, work.x, answer)
+
+    def decode_work(self, request: pb.DecodeRequest, lease: Lease | None) -> Work:
+        work = self.core.decode_work(self.core.input_tensor("decoder", "z", request.z.shape, request.z.data), lease)
+        finish = work.finish
+        return Work(work.batcher, work.x, lambda outs: pb.DecodeResponse(x=to_tensor(finish(outs))))
+
+    def sample_work(self, request: pb.SampleRequest, lease: Lease | None) -> Work:
         seed = request.seed if request.HasField("seed") else None
         temperature = request.temperature if request.HasField("temperature") else None
-        x, z, used = await self.core.sample(request.count, seed, temperature, deadline_of(context), request.return_z)
-        return pb.SampleResponse(x=to_tensor(x), z=to_tensor(z) if request.return_z else None, seed=used)
+        return_z = request.return_z
+        work = self.core.sample_work(request.count, seed, temperature, return_z, lease)
+        finish = work.finish
+
+        def answer(outs: Outputs) -> pb.SampleResponse:
+            x, z, used = finish(outs)
+            return pb.SampleResponse(x=to_tensor(x), z=to_tensor(z) if return_z else None, seed=used)
+
+        return Work(work.batcher, work.x, answer)
+
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        answer: pb.EncodeResponse = await self.encode_work(request, current_lease.get()).run(deadline_of(context))
+        return answer
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
+        answer: pb.DecodeResponse = await self.decode_work(request, current_lease.get()).run(deadline_of(context))
+        return answer
+
+    async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
+        answer: pb.SampleResponse = await self.sample_work(request, current_lease.get()).run(deadline_of(context))
+        return answer
 
     async def Reconstruct(self, request: pb.ReconstructRequest,
                           context: grpc.aio.ServicerContext) -> pb.ReconstructResponse:

@@ -40,13 +40,10 @@ from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
 
-from serving.config import ServeConfig, write_ready_file
+from serving.config import MULTIPROC_ENV, ServeConfig, write_ready_file
 
 logger = logging.getLogger(__name__)
 
-# Where prometheus-client's multiprocess mode keeps the workers' samples; it must be set before
-# prometheus_client is first imported (this module imports nothing that loads it).
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 START_TIMEOUT_S = 300.0

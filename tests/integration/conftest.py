@@ -13,7 +13,7 @@ import pytest
 
 from serving.manifest import Manifest, load_manifest
 from tests.conftest import MNIST_DIR
-from tests.integration._server import ServerProcess, start_server
+from tests.integration._server import FRONTEND, ServerProcess, start_server
 from training.fit import TIMING_KEYS
 
 # Tiny and fast: a few seconds of CPU per run on digits.
@@ -30,9 +30,29 @@ def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
+# Both gRPC front ends (`--grpc-frontend`): every test of a module that uses `server` or names
+# `grpc_frontend` (pytestmark usefixtures) runs once on each, the module's servers started with it.
+FRONTENDS = ("native", "grpcio")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "grpc_frontend" in metafunc.fixturenames:
+        metafunc.parametrize("grpc_frontend", FRONTENDS, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def server(exported_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The real server on the session's export, one per test module; it must exit 0 when stopped."""
+def grpc_frontend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The gRPC front end this module's servers run (`start_server` adds `--grpc-frontend` for it)."""
+    FRONTEND["value"] = request.param
+    yield request.param
+    FRONTEND["value"] = None
+
+
+@pytest.fixture(scope="module")
+def server(grpc_frontend: str, exported_model_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The real server on the session's export, one per test module and front end; it must exit 0 when
+    stopped."""
     s = start_server(exported_model_dir, tmp_path_factory.mktemp("server"))
     yield s
     assert s.stop() == 0, s.log()

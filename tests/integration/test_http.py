@@ -26,6 +26,8 @@ from tritonclient.utils import InferenceServerException
 from serving.manifest import Manifest
 from tests.integration._server import REPO, ServerProcess, start_server
 
+pytestmark = pytest.mark.usefixtures("grpc_frontend")  # every test on both gRPC front ends
+
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Iterator[th.InferenceServerClient]:

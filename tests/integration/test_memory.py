@@ -26,7 +26,7 @@ from serving.manifest import load_manifest
 from tests.conftest import REPO, run_module
 from tests.integration._server import start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("grpc_frontend")]  # both gRPC front ends
 BASE = REPO / "deploy" / "k8s" / "base"
 UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
 # Set by the environment of a pod, not flags a test can pass here.

@@ -34,6 +34,7 @@ POLL_S = 15.0
 T = TypeVar("T")
 
 pytestmark = [
+    pytest.mark.usefixtures("grpc_frontend"),  # both gRPC front ends
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("prometheus") is None,
                        reason="prometheus missing: apt-get install prometheus (scripts/ensure_system_tools.sh)"),

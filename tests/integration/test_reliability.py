@@ -29,6 +29,8 @@ from serving.manifest import load_manifest
 from tests.conftest import flip_byte
 from tests.integration._server import REPO, ServerProcess, start_failure, start_server
 
+pytestmark = pytest.mark.usefixtures("grpc_frontend")  # every test on both gRPC front ends
+
 ENCODE = "/vae.v1.VaeService/Encode"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -323,12 +325,24 @@ def test_a_key_that_does_not_match_the_certificate_is_one_clear_line(exported_mo
                         "-out", f"{name}.pem", "-days", "1", "-subj", "/CN=localhost"], cwd=tmp_path, check=True,
                        capture_output=True)
     proc = start_failure(exported_model_dir, "--tls-cert", str(tmp_path / "a.pem"), "--tls-key",
-                         str(tmp_path / "b.key"))
+                         str(tmp_path / "b.key"), "--grpc-frontend", "auto")
     _one_clear_line(proc, "tls-cert/tls-key: expected a PEM certificate chain and its matching private key")
     (tmp_path / "garbage.pem").write_bytes(b"not a certificate\n")
     proc = start_failure(exported_model_dir, "--tls-cert", str(tmp_path / "garbage.pem"), "--tls-key",
-                         str(tmp_path / "a.key"))
+                         str(tmp_path / "a.key"), "--grpc-frontend", "auto")
     _one_clear_line(proc, "tls-cert/tls-key")
+
+
+def test_the_native_front_end_with_tls_is_one_clear_line_naming_both_flags(exported_model_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    (tmp_path / "a.pem").write_text("x")
+    (tmp_path / "a.key").write_text("x")
+    proc = start_failure(exported_model_dir, "--tls-cert", str(tmp_path / "a.pem"), "--tls-key",
+                         str(tmp_path / "a.key"), "--grpc-frontend", "native")
+    assert proc.returncode == 2, proc.stderr  # a settings error, as for any flag out of range
+    assert "Traceback" not in proc.stderr, proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if "grpc-frontend" in ln)
+    assert "--grpc-frontend native and --tls-cert cannot be used together" in line, line
 
 
 def test_a_manifest_of_non_utf8_bytes_is_one_clear_line(exported_model_dir: Path, tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ from serving.tensors import from_tensor, to_tensor
 from tests.conftest import flip_byte, run_module
 from tests.integration._server import REPO, ServerProcess, serving_cmd, start_failure, start_server
 
+pytestmark = pytest.mark.usefixtures("grpc_frontend")  # every test on both gRPC front ends
+
 
 class Direct:
     """ONNX Runtime run directly on the exported files: the reference for every RPC."""
@@ -453,9 +455,12 @@ def _make_pki(d: Path) -> dict[str, Path]:
 def test_mutual_tls_serves_clients_with_a_certificate_and_refuses_others(exported_model_dir: Path,
                                                                          tmp_path: Path) -> None:
     pki = _make_pki(tmp_path)
+    # TLS runs on the grpcio front end (pygrpc-native 0.5.0 has none): `auto` picks it and says so once.
     s = start_server(exported_model_dir, tmp_path / "srv", "--tls-cert", str(pki["server.pem"]),
-                     "--tls-key", str(pki["server.key"]), "--tls-client-ca", str(pki["ca.pem"]))
+                     "--tls-key", str(pki["server.key"]), "--tls-client-ca", str(pki["ca.pem"]),
+                     "--grpc-frontend", "auto")
     try:
+        assert s.log().count("the gRPC port uses the grpcio front end") == 1, s.log()
         ca = pki["ca.pem"].read_bytes()
         good = grpc.ssl_channel_credentials(ca, pki["client.key"].read_bytes(), pki["client.pem"].read_bytes())
         with VaeClient(f"localhost:{s.grpc_port}", credentials=good, timeout_s=10) as c:
@@ -477,7 +482,8 @@ def test_http_over_tls_needs_a_client_certificate_when_the_grpc_port_does(export
 
     pki = _make_pki(tmp_path)
     s = start_server(exported_model_dir, tmp_path / "srv", "--tls-cert", str(pki["server.pem"]),
-                     "--tls-key", str(pki["server.key"]), "--tls-client-ca", str(pki["ca.pem"]), "--http-tls")
+                     "--tls-key", str(pki["server.key"]), "--tls-client-ca", str(pki["ca.pem"]), "--http-tls",
+                     "--grpc-frontend", "auto")
     try:
         url = f"https://localhost:{s.http_port}/metrics"
         ctx = ssl.create_default_context(cafile=str(pki["ca.pem"]))

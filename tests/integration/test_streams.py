@@ -26,6 +26,8 @@ from serving.tensors import to_tensor
 from tests.conftest import run_module
 from tests.integration._server import ServerProcess, start_server
 
+pytestmark = pytest.mark.usefixtures("grpc_frontend")  # every test on both gRPC front ends
+
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Iterator[VaeClient]:

@@ -19,7 +19,7 @@ from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
 from serving.manifest import load_manifest
 from tests.integration._server import ServerProcess, start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("grpc_frontend")]  # both gRPC front ends
 
 
 def worker_pids(server: ServerProcess) -> list[int]:
