@@ -295,8 +295,8 @@ class Batcher:
                 req.end(outs)
         else:
             if self._m is not None:
-                self._m.compute.observe(dt)
-                self._m.batch_size.observe(rows)
+                self._m.compute(dt)
+                self._m.batch_size(rows)
                 self._m.rows.inc(rows)
                 self._m.batches.inc()
             self._deliver(batch, outs, bad)
@@ -328,7 +328,7 @@ class Batcher:
                     m.rejected["deadline" if expired else "cancelled"].inc()
                 continue
             if req.taken == 0 and m is not None:
-                m.queue_wait.observe(now - req.t_enqueue)
+                m.queue_wait(now - req.t_enqueue)
             count = min(req.n - req.taken, self.max_batch_size - rows)
             batch.append((req, req.taken, count))
             req.taken += count

@@ -15,7 +15,9 @@ which each worker does every `REFRESH_S`.
 
 from __future__ import annotations
 
+import math
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -32,6 +34,24 @@ REJECTION_REASONS: tuple[str, ...] = ("queue_full", "deadline", "cancelled", "in
 REFRESH_S = 0.5  # multiprocess mode: how often a worker copies its live gauges into its files
 
 
+def observer(child: Histogram) -> Callable[[float], None]:
+    """`child.observe`, minus prometheus-client's linear scan over the buckets (22 comparisons in Python
+    for a slow request): a bisection over the same bounds, then the same two increments. Falls back to
+    `observe` if the client's internals are not the ones this was written against (0.20-0.26)."""
+    bounds, buckets, total = (getattr(child, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if not (isinstance(bounds, list) and isinstance(buckets, list) and len(bounds) == len(buckets)
+            and bounds and bounds[-1] == math.inf and total is not None):
+        return child.observe
+    bucket_incs = [b.inc for b in buckets]
+    total_inc = total.inc
+
+    def observe(amount: float) -> None:
+        total_inc(amount)
+        bucket_incs[bisect_left(bounds, amount)](1)
+
+    return observe
+
+
 def multiprocess() -> bool:
     """Whether this process writes its metrics for a multiprocess exposition (set by serving.workers)."""
     return bool(os.environ.get(MULTIPROC_ENV))
@@ -41,9 +61,9 @@ class ModelMetrics:
     """The per-model children the batcher touches (labels already applied)."""
 
     def __init__(self, m: Metrics, model: str) -> None:
-        self.queue_wait = m.queue_wait.labels(model)
-        self.compute = m.compute.labels(model)
-        self.batch_size = m.batch_size.labels(model)
+        self.queue_wait = observer(m.queue_wait.labels(model))  # each: observe(value)
+        self.compute = observer(m.compute.labels(model))
+        self.batch_size = observer(m.batch_size.labels(model))
         self.queue_rows = m.queue_rows.labels(model)
         self.queue_requests = m.queue_requests.labels(model)
         self.rows = m.rows.labels(model)
@@ -63,7 +83,7 @@ class MethodMetrics:
 
     def __init__(self, m: Metrics, method: str, stream: bool = False) -> None:
         self.method = method
-        self.duration = m.request_duration.labels(method)
+        self.duration = observer(m.request_duration.labels(method))
         self.inflight = 0  # RPCs (messages) of this method being handled (event loop only); read at scrape time
         self.streams = 0   # open streams of this method (streaming methods only)
         self._requests = m.requests
@@ -78,7 +98,7 @@ class MethodMetrics:
     def finished(self, code: str, seconds: float) -> None:
         """Record one answered RPC: before its status goes out, so a scrape right after it sees it."""
         self.inflight -= 1
-        self.duration.observe(seconds)
+        self.duration(seconds)
         c = self._codes.get(code)
         if c is None:
             c = self._codes[code] = self._requests.labels(self.method, code)

@@ -3,7 +3,7 @@
     clients --HTTP/2--> pygrpc-native (tonic/hyper on a tokio thread, no GIL)
                           |  unary calls of VaeService, GRPCInferenceService, Health/Check
                           v
-              receiver thread: recv_batch_details(...) -> inbox --pipe--> event loop: `_handle(events)`
+              receiver thread: recv_batch(...) -> inbox --pipe--> event loop: `_handle(events)`
                           |  per call: size, concurrency and drain checks, parse, validate (the adapters'
                           |  own `batched` functions), `Batcher.enqueue(x, call.done)`: no task, no future
                           v
@@ -57,6 +57,19 @@ from serving.rpc import Adapter, check_size, parse_request, parser_of, wire
 from serving.scope import RequestScope
 
 logger = logging.getLogger(__name__)
+
+# grpc-timeout units (gRPC over HTTP/2: "TimeoutValue TimeoutUnit", at most 8 digits).
+_TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
+
+
+def grpc_timeout_s(value: bytes) -> float:
+    """A `grpc-timeout` header's seconds ("100m" -> 0.1). The front has already refused malformed ones
+    (it enforces the deadline itself); anything unreadable here counts as no time left."""
+    try:
+        return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
+    except (KeyError, ValueError, IndexError):
+        return 0.0
+
 
 # Calls taken from the front per trip across the GIL; a trip waits at most RECV_TIMEOUT_MS (so that
 # `stop` is noticed even when no call comes).
@@ -139,7 +152,9 @@ class NativeFront:
                     method.input_type.full_name, batched.get(name), getattr(adapter, name)))
         self.native = NativeGrpcFront(
             f"{config.host}:{config.port}", [(m.path, False) for m in self._methods],
-            io_threads=config.grpc_io_threads, call_details=True, reuse_port=reuse_port,
+            # Each event's client key is the call's `grpc-timeout` header (bytes), or the peer (str) when it has
+            # none: the deadline without the whole metadata and peer turned into Python objects per call.
+            io_threads=config.grpc_io_threads, client_key_metadata="grpc-timeout", reuse_port=reuse_port,
             max_concurrent_streams=max_concurrent_streams,
             keepalive_permit_without_calls=False)  # as grpc-core servers: ping only connections with calls
         self.port = self.native.bound_port
@@ -199,7 +214,7 @@ class NativeFront:
         """Take calls from the front in batches (the wait is in Rust, GIL released) and wake the loop."""
         native, inbox = self.native, self._inbox
         while True:
-            events = native.recv_batch_details(MAX_EVENTS, RECV_TIMEOUT_MS)
+            events = native.recv_batch(MAX_EVENTS, RECV_TIMEOUT_MS)
             if events is None:  # closed
                 return
             if events:
@@ -223,7 +238,7 @@ class NativeFront:
     def _handle(self, events: list[Any]) -> None:
         """One batch of events: start every call (or refuse it), cancel what was cancelled."""
         calls, methods, now = self.calls, self._methods, time.monotonic()
-        for kind, call_id, method_id, payload, _key, details in events:
+        for kind, call_id, method_id, payload, key in events:
             if kind != EVENT_CALL:  # a cancel: the client went away or the deadline passed
                 call = calls.pop(call_id, None)
                 if call is not None:
@@ -231,8 +246,7 @@ class NativeFront:
                     self.check_idle()
                 continue
             m = methods[method_id]
-            remaining = details[2]
-            call = _NativeCall(self, m.mm, None if remaining is None else now + remaining, call_id)
+            call = _NativeCall(self, m.mm, None if type(key) is not bytes else now + grpc_timeout_s(key), call_id)
             try:
                 if self.closing:
                     raise ShuttingDown("the server is shutting down; send to another replica")

@@ -87,6 +87,11 @@ def parse_infer_request(data: bytes) -> Any:
     return pb.ModelInferRequest.FromString(data)
 
 
+# Records are cached for answers of at most this many rows (the per-call cost matters there; the cache stays
+# a few hundred entries, not one per row count up to --max-queue-rows).
+_CACHED_ROWS = 256
+
+
 class InferResponseWriter:
     """Serialises a ModelInferResponse straight to its wire form, without building the message.
 
@@ -96,12 +101,15 @@ class InferResponseWriter:
     write for the same message (fields in number order, defaults omitted; the tests compare the two).
     Building the message costs a Python object per output, a copy of every tensor into it and another
     when it is serialised; here each tensor is copied once, into the answer. The parts that depend only
-    on the model and the output name are made once.
+    on the model, the output name and the shape are made once per shape (rows per request vary little).
     """
 
     def __init__(self) -> None:
         self._heads: dict[str, bytes] = {}   # model -> fields 1 and 2
-        self._names: dict[str, bytes] = {}   # output name -> its tensor's fields 1 and 2
+        # (output name, shape, raw) -> the output tensor's whole record when raw (tag, length, name, datatype,
+        # shape), else its record up to the tensor bytes: made once per shape (a handful: rows vary).
+        self._tensors: dict[tuple[str, tuple[int, ...], bool], bytes] = {}
+        self._raw_heads: dict[int, bytes] = {}  # bytes of a raw output -> its field 6 tag and length
 
     def serialize(self, model: str, request_id: str, outputs: list[tuple[str, np.ndarray]], raw: bool) -> bytes:
         head = self._heads.get(model)
@@ -111,25 +119,43 @@ class InferResponseWriter:
         if request_id:
             parts.append(_string_field(3, request_id))
         datas: list[memoryview] = []
+        tensors = self._tensors
         for n, a in outputs:
-            a = np.ascontiguousarray(a, dtype=F32)
-            named = self._names.get(n)
-            if named is None:
-                named = self._names[n] = _string_field(1, n) + _string_field(2, FP32)
-            dims = b"".join(varint(d) for d in a.shape)
-            tensor = named + _SHAPE + varint(len(dims)) + dims
+            if a.dtype != F32 or not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a, dtype=F32)
             data = a.data.cast("B")
+            key = (n, a.shape, raw)
+            record = tensors.get(key)
+            if record is None:
+                record = self._tensor_record(n, a.shape, raw, len(data))
+                if a.shape[0] <= _CACHED_ROWS:
+                    tensors[key] = record
+            parts.append(record)
             if raw:
                 datas.append(data)
-                parts += (_OUTPUT, varint(len(tensor)), tensor)
             else:
-                fp32 = FP32_CONTENTS_TAG + varint(len(data))
-                contents = _CONTENTS + varint(len(fp32) + len(data))
-                parts += (_OUTPUT, varint(len(tensor) + len(contents) + len(fp32) + len(data)), tensor,
-                          contents, fp32, data)
-        for data in datas:
-            parts += (_RAW, varint(len(data)), data)
+                parts.append(data)
+        if datas:
+            raw_heads = self._raw_heads
+            for data in datas:
+                rh = raw_heads.get(len(data))
+                if rh is None:
+                    rh = _RAW + varint(len(data))
+                    if len(raw_heads) < _CACHED_ROWS:
+                        raw_heads[len(data)] = rh
+                parts += (rh, data)
         return b"".join(parts)
+
+    @staticmethod
+    def _tensor_record(name: str, shape: tuple[int, ...], raw: bool, nbytes: int) -> bytes:
+        """One InferOutputTensor record (field 5) of `shape`: whole when raw, else up to its data bytes."""
+        dims = b"".join(varint(d) for d in shape)
+        tensor = _string_field(1, name) + _string_field(2, FP32) + _SHAPE + varint(len(dims)) + dims
+        if raw:
+            return _OUTPUT + varint(len(tensor)) + tensor
+        fp32 = FP32_CONTENTS_TAG + varint(nbytes)
+        contents = _CONTENTS + varint(len(fp32) + nbytes)
+        return _OUTPUT + varint(len(tensor) + len(contents) + len(fp32) + nbytes) + tensor + contents + fp32
 
 
 def _string_field(number: int, text: str) -> bytes:
