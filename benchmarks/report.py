@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import workers
+from benchmarks import oversize, workers
 from benchmarks.harness import REPO, med
 from benchmarks.plots import plots
 from benchmarks.references import bench as references
@@ -174,7 +174,8 @@ STEP_SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "workers": workers.markdown,           # issue 15: --workers 2 against 1
     "http": http_bench.markdown,           # issue 16: the same HTTP client against Triton and MLServer, same run
     "references": references.markdown,     # issue 13: the same client against Triton and a naive server, same run
-    "streams": streams.markdown}           # issue 15: streamed messages against Triton, same run
+    "streams": streams.markdown,           # issue 15: streamed messages against Triton, same run
+    "oversize": oversize.markdown}         # issue 24: requests far over --max-message-bytes, peak memory
 
 
 def step_sections(res: dict[str, Any]) -> list[str]:

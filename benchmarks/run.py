@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import scenarios, workers
+from benchmarks import oversize, scenarios, workers
 from benchmarks.harness import PIN, PY, REPO, RESULTS, WORK, last_json, log, pinned, sh
 from benchmarks.references import bench as references
 from benchmarks.references import http_bench, streams
@@ -50,7 +50,9 @@ PARTIAL_STEPS: dict[str, tuple[str, Callable[[Path, int, float], dict[str, Any]]
                    references.run),
     "http": ("HTTP/REST: vae-serve, Triton and MLServer, binary and JSON, same client, taking turns", http_bench.run),
     "streams": ("streams: ModelStreamInfer against Triton's unary and streamed requests, taking turns", streams.run),
-    "workers": ("--workers 2 against --workers 1, unpinned, 4 channels, taking turns", workers.run)}
+    "workers": ("--workers 2 against --workers 1, unpinned, 4 channels, taking turns", workers.run),
+    "oversize": ("requests far over --max-message-bytes (200 MiB, 1 GiB, 4 x 200 MiB), both gRPC front ends",
+                 lambda model_dir, _rounds, _duration_s: oversize.run(model_dir))}
 PARTIAL_ROUNDS = 2
 
 

@@ -272,6 +272,7 @@ class NativeFront:
                 self.fail(call, e)
         del events, payload
 
+
     async def _run(self, call: _NativeCall, m: _Method, request: Any) -> None:
         """A method off the hot path: the adapter's coroutine, with the call as its context."""
         current_lease.set(call.lease)  # this task's own context: the core reserves the response on it
