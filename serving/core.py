@@ -34,7 +34,10 @@ _RESPONSE_OVERHEAD_BYTES = 4096
 _ELBO_CHUNK_ROWS = 256
 # On the CPU provider, batches of at most this many rows run on the event loop (serving.batcher): ONNX
 # Runtime takes ~10-20 us for them, less than the hand-off to the runner thread and back. On a GPU every
-# batch goes to the thread (a launch and a synchronisation would hold the event loop).
+# batch goes to the thread (a launch and a synchronisation would hold the event loop). With the native
+# gRPC front end every CPU batch runs on the loop: calls keep arriving in Rust while ONNX Runtime runs
+# (the loop is not what receives them), and the hand-off cost more than it saved: 129 against 112 us of
+# server CPU per single-row ModelInfer at C = 64 (one core, same client, 2026-12-02).
 INLINE_ROWS_CPU = 8
 
 
@@ -78,7 +81,8 @@ class VaeCore:
         self.latent_dim = self.manifest.latent_dim
         self.max_rows = config.max_queue_rows
         self.ready = False  # set by the server once both models are loaded, warmed up and serving
-        inline_rows = INLINE_ROWS_CPU if model.providers == [CPU] else 0
+        inline_rows = (config.max_batch_size if config.frontend == "native" else INLINE_ROWS_CPU) \
+            if model.providers == [CPU] else 0
         self.batchers = {
             runner.name: Batcher(runner, max_batch_size=config.max_batch_size,
                                  max_queue_delay_us=config.max_queue_delay_us, max_queue_rows=config.max_queue_rows,
@@ -90,6 +94,9 @@ class VaeCore:
         enc, dec = self._index["encoder"], self._index["decoder"]
         self._i_mu, self._i_var, self._i_logvar = enc["mu"], enc["var"], enc["logvar"]
         self._i_mean, self._i_logits, self._i_xvar = dec["x_mean"], dec.get("logits"), dec.get("x_var")
+        # (model, outputs asked for) -> what run_work needs: input name, floats returned and made per row, and
+        # (output name, position) of each returned output
+        self._run_plans: dict[tuple[str, frozenset[str] | None], tuple[str, int, int, tuple[tuple[str, int], ...]]] = {}
         # float32 values per row over every output of each graph (sizes the response checks; fixed)
         self._row_floats = {role: sum(math.prod(t.tail) for t in g.outputs) for role, g in self.graphs.items()}
 
@@ -156,13 +163,17 @@ class VaeCore:
                  lease: Lease | None = None) -> Work:
         """`model` on its validated input -> the named outputs (default: every one the manifest declares),
         by name."""
-        returned = self.floats_per_row(model, outputs)
-        self.check_response_size(self.graphs[model].input.name, x.shape[0], returned,
-                                 self.floats_per_row(model) - returned, lease)
-        index = self._index[model]
-        if outputs is not None:
-            index = {n: i for n, i in index.items() if n in outputs}
-        return Work(self.batchers[model], x, lambda outs: {n: outs[i] for n, i in index.items()})
+        key = (model, None if outputs is None else frozenset(outputs))  # at most 2^outputs keys per model
+        plan = self._run_plans.get(key)
+        if plan is None:
+            returned = self.floats_per_row(model, outputs)
+            index = self._index[model]
+            items = tuple((n, i) for n, i in index.items() if outputs is None or n in outputs)
+            plan = self._run_plans[key] = (self.graphs[model].input.name, returned,
+                                           self.floats_per_row(model) - returned, items)
+        field, returned, made, items = plan
+        self.check_response_size(field, x.shape[0], returned, made, lease)
+        return Work(self.batchers[model], x, lambda outs: {n: outs[i] for n, i in items})
 
     async def run(self, model: str, x: np.ndarray, deadline: float | None = None,
                   outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:

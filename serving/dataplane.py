@@ -36,6 +36,7 @@ class OipModels:
     def __init__(self, core: VaeCore) -> None:
         self.core = core
         self.models: dict[str, GraphSpec] = dict(core.graphs)
+        self._declared = {name: g.output_names() for name, g in self.models.items()}  # callers do not mutate
         self.versions = ("", MODEL_VERSION, core.manifest.version)
         self.metadata: dict[str, dict[str, Any]] = {
             name: {"name": name, "versions": [MODEL_VERSION], "platform": PLATFORM,
@@ -69,8 +70,10 @@ class OipModels:
 
     def outputs(self, model: str, spec: GraphSpec, requested: list[str]) -> list[str]:
         """The outputs to return: those requested (each one the model has), else all of them."""
-        declared = spec.output_names()
-        wanted = requested or declared
+        declared = self._declared[model]
+        if not requested:
+            return declared
+        wanted = requested
         unknown = [n for n in wanted if n not in declared]
         if unknown:
             raise InvalidInput("outputs", f"names among {declared}", str(unknown), model)
