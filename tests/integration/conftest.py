@@ -14,7 +14,7 @@ import pytest
 from serving.manifest import Manifest, load_manifest
 from tests.conftest import MNIST_DIR
 from tests.integration._server import ServerProcess, start_server
-from training.fit import TIMING_KEYS
+from training.trainer import TIMING_KEYS
 
 # Tiny and fast: a few seconds of CPU per run on digits.
 TINY_FLAGS = ["--data", "digits", "--hidden", "32", "--latent-dim", "4", "--lr", "3e-3", "--no-progress",
@@ -26,7 +26,7 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 
 
 def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Metrics rows minus wall-clock fields (training.fit.TIMING_KEYS), which legitimately differ between runs."""
+    """Metrics rows minus wall-clock fields (training.trainer.TIMING_KEYS), which legitimately differ between runs."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 

@@ -110,22 +110,22 @@ class _Recording(torch.nn.Module):
 
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
 def test_an_epoch_gives_every_step_its_own_batch_and_fresh_noise_and_sums_every_step(objective: str) -> None:
-    """More steps than one draw of noise covers (fit.NOISE_STEPS) and a short last batch: each step gets the rows
-    its slice of the shard names, noise of its own shape never reused, and the epoch's sums are its steps'."""
-    from training import fit
+    """More steps than one draw of noise covers (epoch.NOISE_STEPS) and a short last batch: each step gets
+    the rows its slice of the shard names, noise of its own shape never reused, and the epoch's sums are its steps'."""
+    from training import epoch
 
-    n, b = (fit.NOISE_STEPS + 3) * 4 + 2, 4  # 35 full batches and one of 2
+    n, b = (epoch.NOISE_STEPS + 3) * 4 + 2, 4  # 35 full batches and one of 2
     config = TrainConfig(hidden=(8,), latent_dim=3, batch_size=b, objective=objective, iwae_k=2,  # type: ignore[arg-type]
                          backward="autograd", matmul_precision="medium").resolved(5, n)
     torch.manual_seed(0)
     vae = VAE(config, (5,))
     model = _Recording(vae)
-    opt = fit.make_optimizer(vae, config, torch.device("cpu"))
+    opt = epoch.make_optimizer(vae, config, torch.device("cpu"))
     x_train = torch.rand(n, 5)
     shard = torch.randperm(n)
     before = torch.get_float32_matmul_precision()
-    sums, taken = fit.train_one_epoch(model, vae, opt, x_train, shard, b, config, 0,
-                                      fit.noise_generator(0, 0, 0, torch.device("cpu")))
+    sums, taken = epoch.train_one_epoch(model, vae, opt, x_train, shard, b, config, 0,
+                                        epoch.noise_generator(0, 0, 0, torch.device("cpu")))
     assert set(model.precisions) == {"medium"}  # the steps ran at the config's precision ...
     assert torch.get_float32_matmul_precision() == before  # ... and validation after them does not
     steps = -(-n // b)
