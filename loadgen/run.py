@@ -127,12 +127,14 @@ async def run_bench(spec: BenchSpec, latencies_out: Path | None = None) -> dict[
     channels: list[grpc.aio.Channel] = []
     session: aiohttp.ClientSession | None = None
     if spec.http:
-        reqs = build_http_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct)
+        reqs = build_http_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct,
+                                   input_names=spec.input_names)
         # HTTP/1.1: one request in flight per connection, so up to C keep-alive connections.
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         calls: list[Call] = [_http_call(session, f"http://{spec.target}/v2/models/{spec.model}/infer")]
     else:
-        reqs = build_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct)
+        reqs = build_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct,
+                              input_names=spec.input_names)
         options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20),
                    ("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
         channels = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(spec.channels)]
