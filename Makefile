@@ -48,9 +48,11 @@ image-test: $(STAMP)
 	bash scripts/ensure_system_tools.sh $(IMAGE_TOOLS)
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/integration/image_checks.py
 
+# The whole tree: ruff, mypy (files and per-package strictness in pyproject.toml), no import cycles.
 lint: $(STAMP)
-	$(BIN)/ruff check training serving tests benchmarks
-	$(BIN)/mypy serving
+	$(BIN)/ruff check training serving loadgen deploy scripts tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/python scripts/check_imports.py
 
 clean:
 	rm -rf $(VENV) runs

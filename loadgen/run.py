@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import grpc
@@ -151,7 +151,8 @@ async def run_bench(spec: BenchSpec, latencies_out: Path | None = None) -> dict[
         if spec.streams:
             # One deadline for the whole stream: the run, plus the per-request timeout for the last answers.
             stream_timeout = spec.warmup_s + spec.duration_s + spec.timeout_s + 5
-            workers = [asyncio.ensure_future(stream_worker(channels[k % len(channels)], spec.rpc, reqs,
+            grpc_reqs = cast("list[bytes]", reqs)  # streams are gRPC: serialised messages
+            workers = [asyncio.ensure_future(stream_worker(channels[k % len(channels)], spec.rpc, grpc_reqs,
                                                            k * spec.stream_inflight, spec.stream_inflight,
                                                            stream_timeout, st, record))
                        for k in range(spec.streams)]

@@ -135,8 +135,9 @@ def test_concurrent_infers_are_batched(server: ServerProcess, client: tc.Inferen
         for _ in range(64):
             assert done.acquire(timeout=30)
         for i in range(64):
-            assert isinstance(results[i], np.ndarray), results[i]
-            np.testing.assert_allclose(results[i], ref[i:i + 1], rtol=1e-5, atol=1e-6)
+            got = results[i]
+            assert isinstance(got, np.ndarray), got
+            np.testing.assert_allclose(got, ref[i:i + 1], rtol=1e-5, atol=1e-6)
         if server.metric("vae_batches_total", model="encoder") - runs0 < 64:
             break
     else:

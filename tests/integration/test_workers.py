@@ -8,6 +8,7 @@ import os
 import signal
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -54,7 +55,7 @@ def encode_on_channels(target: str, x: np.ndarray, channels: int, calls: int) ->
 
 
 @pytest.fixture
-def two_workers(exported_model_dir: Path, tmp_path: Path) -> ServerProcess:
+def two_workers(exported_model_dir: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     s = start_server(exported_model_dir, tmp_path, "--workers", "2", timeout=120)
     yield s
     if s.proc.poll() is None:

@@ -29,8 +29,10 @@ def test_the_manual_gradients_and_sums_equal_autograds(hidden: tuple[int, ...], 
                                                        free_bits: float | str) -> None:
     torch.manual_seed(0)
     vae = VAE(TrainConfig(hidden=hidden, latent_dim=6), (8, 8)).double()
+    last = list(vae.encoder_body.children())[-1]
+    assert isinstance(last, torch.nn.Linear)
     with torch.no_grad():
-        vae.encoder_body[-1].weight.mul_(4.0)  # spread the per-dimension KL so a floor splits the dimensions
+        last.weight.mul_(4.0)  # spread the per-dimension KL so a floor splits the dimensions
     x = torch.rand(17, 8, 8, dtype=torch.float64)
     eps = torch.randn(17, 6, dtype=torch.float64)
     if free_bits == "between":
@@ -83,8 +85,10 @@ def test_backward_auto_picks_the_manual_step_only_where_it_is_written_for() -> N
 def test_logits_past_the_sigmoids_float32_range_still_give_the_true_log_likelihood() -> None:
     torch.manual_seed(2)
     vae = VAE(TrainConfig(hidden=(16,), latent_dim=3), (10,))
+    last = list(vae.decoder_body.children())[-1]
+    assert isinstance(last, torch.nn.Linear)
     with torch.no_grad():
-        vae.decoder_body[-1].bias[:5] = 120.0  # sigmoid(-120) is 0 in float32: log would give -inf
+        last.bias[:5] = 120.0  # sigmoid(-120) is 0 in float32: log would give -inf
     x = torch.rand(4, 10)
     eps = torch.randn(4, 3)
     _, expected_sums = _autograd_reference(vae, x, eps, 1.0, 0.0)
