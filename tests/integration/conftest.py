@@ -3,7 +3,6 @@ sessions (the reference outputs are compared against), the MNIST test set, runs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,6 @@ from training.trainer import TIMING_KEYS
 # Tiny and fast: a few seconds of CPU per run on digits.
 TINY_FLAGS = ["--data", "digits", "--hidden", "32", "--latent-dim", "4", "--lr", "3e-3", "--no-progress",
               "--log-level", "WARNING"]
-
-
-def read_metrics(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

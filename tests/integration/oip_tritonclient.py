@@ -23,6 +23,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.manifest import Manifest
+from tests.helpers import x_batch
 from tests.integration._server import ServerProcess, start_server
 
 
@@ -37,10 +38,6 @@ def infer_input(name: str, a: np.ndarray, datatype: str = "FP32") -> tc.InferInp
     i = tc.InferInput(name, list(a.shape), datatype)
     i.set_data_from_numpy(a)
     return i
-
-
-def x_batch(manifest: Manifest, n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, *manifest.example_shape), dtype=np.float32)
 
 
 def test_server_and_models_are_live_and_ready(client: tc.InferenceServerClient) -> None:
