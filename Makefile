@@ -48,9 +48,13 @@ image-test: $(STAMP)
 	bash scripts/ensure_system_tools.sh $(IMAGE_TOOLS)
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/integration/image_checks.py
 
+# The whole tree: ruff, mypy (files and per-package strictness in pyproject.toml), no import cycles, and the
+# generated sections of docs/ARCHITECTURE.md current (python scripts/gen_docs.py rewrites them).
 lint: $(STAMP)
-	$(BIN)/ruff check training serving tests benchmarks
-	$(BIN)/mypy serving
+	$(BIN)/ruff check training serving loadgen deploy scripts tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/python scripts/check_imports.py
+	$(BIN)/python scripts/gen_docs.py --check
 
 clean:
 	rm -rf $(VENV) runs

@@ -40,7 +40,7 @@ from pathlib import Path
 import grpc
 
 from loadgen.report import format_table
-from loadgen.requests import model_shapes
+from loadgen.requests import model_info
 from loadgen.run import run_bench
 from loadgen.spec import ALL_RPCS, HTTP_RPCS, MAX_DURATION_S, BenchError, BenchSpec, check_loopback
 from serving.loop import loop_factory
@@ -96,14 +96,16 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"server-pid: no local process {pid}")
         check_loopback(target)
         shape_target = grpc_target if http else target
-        shapes = model_shapes(shape_target, args.timeout_s) if shape_target else None
-        example_shape, latent_dim = shapes or (tuple(args.example_shape), args.latent_dim)
+        model = model_info(shape_target, args.timeout_s) if shape_target else None
+        example_shape, latent_dim, input_names = ((model.example_shape, model.latent_dim, model.input_names)
+                                                  if model else (tuple(args.example_shape), args.latent_dim, None))
         spec = BenchSpec(target=target, rpc=args.rpc, rows=args.rows, concurrency=args.concurrency,
                          rate=args.rate, duration_s=args.duration_s, warmup_s=args.warmup_s,
                          max_requests=args.max_requests, timeout_s=args.timeout_s, distinct=args.distinct,
                          channels=args.channels, max_inflight=args.max_inflight, streams=args.streams,
                          stream_inflight=args.stream_inflight, server_pid=pid,
-                         metrics_port=metrics_port, example_shape=example_shape, latent_dim=latent_dim)
+                         metrics_port=metrics_port, example_shape=example_shape, latent_dim=latent_dim,
+                         input_names=input_names)
         with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
             result = runner.run(run_bench(spec, args.latencies_out))
     except (BenchError, grpc.RpcError, OSError) as e:

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import grpc
@@ -127,12 +127,14 @@ async def run_bench(spec: BenchSpec, latencies_out: Path | None = None) -> dict[
     channels: list[grpc.aio.Channel] = []
     session: aiohttp.ClientSession | None = None
     if spec.http:
-        reqs = build_http_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct)
+        reqs = build_http_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct,
+                                   input_names=spec.input_names)
         # HTTP/1.1: one request in flight per connection, so up to C keep-alive connections.
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         calls: list[Call] = [_http_call(session, f"http://{spec.target}/v2/models/{spec.model}/infer")]
     else:
-        reqs = build_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct)
+        reqs = build_requests(spec.rpc, spec.rows, spec.example_shape, spec.latent_dim, spec.distinct,
+                              input_names=spec.input_names)
         options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20),
                    ("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
         channels = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(spec.channels)]
@@ -149,7 +151,8 @@ async def run_bench(spec: BenchSpec, latencies_out: Path | None = None) -> dict[
         if spec.streams:
             # One deadline for the whole stream: the run, plus the per-request timeout for the last answers.
             stream_timeout = spec.warmup_s + spec.duration_s + spec.timeout_s + 5
-            workers = [asyncio.ensure_future(stream_worker(channels[k % len(channels)], spec.rpc, reqs,
+            grpc_reqs = cast("list[bytes]", reqs)  # streams are gRPC: serialised messages
+            workers = [asyncio.ensure_future(stream_worker(channels[k % len(channels)], spec.rpc, grpc_reqs,
                                                            k * spec.stream_inflight, spec.stream_inflight,
                                                            stream_timeout, st, record))
                        for k in range(spec.streams)]

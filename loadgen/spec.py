@@ -72,6 +72,7 @@ class BenchSpec:
     metrics_port: int | None = None
     example_shape: tuple[int, ...] = (784,)
     latent_dim: int = 20
+    input_names: dict[str, str] | None = None  # model -> input tensor name; None: the tensor contract's
 
     def __post_init__(self) -> None:
         checks = [

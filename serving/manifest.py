@@ -1,7 +1,9 @@
-"""The export manifest (`exported/model.json`): schema, validation and checksum verification.
+"""The export manifest (`exported/model.json`): schema, writing, validation and checksum verification.
 
-Shared by `training.export` (which writes it) and `python -m serving` (which refuses to load a model
-whose files do not match it). Imports nothing heavier than the standard library: no torch, no ORT.
+The one writer and the one reader of model.json: `training.export` builds and writes it with
+`build_manifest` / `write_manifest`, and `python -m serving` reads it with `verify_model_dir` (refusing to
+load a model whose files do not match it). Imports nothing heavier than the standard library: no torch,
+no ORT.
 
 Schema version 1, the keys that matter to a reader:
 
@@ -19,7 +21,7 @@ Schema version 1, the keys that matter to a reader:
     opset, created_at, versions {torch, onnx, onnxruntime}, training {config, metrics}, parity {...}
 
 The graph contract (which tensors each graph takes and gives, and their shapes) is written once, in
-`graph_specs`: `training.export` writes it into the manifest, `Manifest._check` requires it, and both
+`graph_specs`: `build_manifest` writes it into the manifest, `Manifest._check` requires it, and both
 serving protocol adapters read the manifest's `graphs` (never a table of their own).
 
 Errors:
@@ -30,6 +32,7 @@ Errors:
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import math
@@ -113,6 +116,14 @@ class FileEntry:
     path: str
     sha256: str
     bytes: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileEntry:
+        """The entry of a model file as it is on disk now: its name, sha256 and size."""
+        return cls(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
 
 
 @dataclass(frozen=True)
@@ -219,6 +230,47 @@ def sha256_file(path: Path) -> str:
 def model_version(encoder_sha256: str, decoder_sha256: str) -> str:
     """A version derived from the file contents: equal files, equal version."""
     return hashlib.sha256((encoder_sha256 + decoder_sha256).encode()).hexdigest()[:16]
+
+
+def build_manifest(*, name: str, files: dict[str, FileEntry], example_shape: tuple[int, ...], latent_dim: int,
+                   likelihood: str, learned_variance: bool, normalization: dict[str, Any], opset: int,
+                   versions: dict[str, str], training: dict[str, Any], parity: dict[str, Any],
+                   created_at: str | None = None) -> dict[str, Any]:
+    """The model.json dict of an export (schema above): the graphs from `graph_specs`, the version from the
+    files' checksums, `created_at` now (UTC) unless given. Values must already be JSON-ready."""
+    graphs = graph_specs(tuple(example_shape), latent_dim, likelihood, learned_variance)
+    if created_at is None:
+        created_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "version": model_version(files["encoder"].sha256, files["decoder"].sha256),
+        "created_at": created_at,
+        "example_shape": list(example_shape),
+        "latent_dim": latent_dim,
+        "likelihood": likelihood,
+        "learned_variance": learned_variance,
+        "normalization": normalization,
+        "files": {role: files[role].to_dict() for role in MODEL_ROLES},
+        **{role: graphs[role].to_dict() for role in MODEL_ROLES},
+        "opset": opset,
+        "versions": versions,
+        "training": training,
+        "parity": parity,
+    }
+
+
+def manifest_json(manifest: dict[str, Any]) -> str:
+    """model.json's text: the dict validated (`Manifest.from_dict`), indented by 2, newline-terminated."""
+    Manifest.from_dict(manifest)
+    return json.dumps(manifest, indent=2) + "\n"
+
+
+def write_manifest(model_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Validate `manifest` and write it as `model_dir/model.json`; returns the path written."""
+    path = Path(model_dir) / MANIFEST_NAME
+    path.write_text(manifest_json(manifest))
+    return path
 
 
 def load_manifest(model_dir: Path) -> Manifest:

@@ -194,16 +194,12 @@ class EncoderGraph(nn.Module):
 
 class DecoderGraph(nn.Module):
     """The exported decoder: z (N, d) -> x_mean (N, *shape), plus `logits` (Bernoulli) or `x_var`
-    (Gaussian with learned variance, (N, *shape)). No randomness."""
+    (Gaussian with learned variance, (N, *shape)). No randomness. The outputs' names are the manifest's
+    (serving.manifest.graph_specs); training.export checks this graph gives what they describe."""
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()
         self.vae = vae
-
-    def output_names(self) -> list[str]:
-        if self.vae.likelihood == "bernoulli":
-            return ["x_mean", "logits"]
-        return ["x_mean", "x_var"] if self.vae.x_logvar is not None else ["x_mean"]
 
     def forward(self, z: Tensor) -> tuple[Tensor, ...]:
         dec = self.vae.decode(z)

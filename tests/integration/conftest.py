@@ -3,7 +3,6 @@ sessions (the reference outputs are compared against), the MNIST test set, runs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,15 @@ import pytest
 from serving.manifest import Manifest, load_manifest
 from tests.conftest import MNIST_DIR
 from tests.integration._server import FRONTEND, ServerProcess, start_server
-from training.fit import TIMING_KEYS
+from training.trainer import TIMING_KEYS
 
 # Tiny and fast: a few seconds of CPU per run on digits.
 TINY_FLAGS = ["--data", "digits", "--hidden", "32", "--latent-dim", "4", "--lr", "3e-3", "--no-progress",
               "--log-level", "WARNING"]
 
 
-def read_metrics(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Metrics rows minus wall-clock fields (training.fit.TIMING_KEYS), which legitimately differ between runs."""
+    """Metrics rows minus wall-clock fields (training.trainer.TIMING_KEYS), which legitimately differ between runs."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 

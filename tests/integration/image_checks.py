@@ -47,6 +47,7 @@ from serving.client import VaeClient
 from serving.config import ServeConfig
 from serving.manifest import load_manifest
 from tests.conftest import REPO
+from tests.helpers import wait_until
 
 IMAGE = os.environ.get("VAE_IMAGE_TAG", "vae-serve:cpu")
 CONTAINERS_CONF = os.environ.get("CONTAINERS_CONF", str(REPO / "scripts" / "podman" / "containers.conf"))
@@ -75,16 +76,18 @@ def health(target: str, service: str = "", timeout: float = 2) -> int:
 
 def wait_serving(target: str, alive: Callable[[], bool], timeout: float = 60) -> float:
     """Poll grpc.health.v1 until SERVING; seconds waited. `alive()` False = the container died: fail."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
+    def serving() -> bool:
         try:
             if health(target, "vae.v1.VaeService", timeout=1) == SERVING:
-                return time.monotonic() - t0
+                return True
         except grpc.RpcError:
             pass
         assert alive(), "the container exited before SERVING"
-        time.sleep(0.05)
-    pytest.fail(f"{target} not SERVING within {timeout} s")
+        return False
+
+    t0 = time.monotonic()
+    wait_until(serving, timeout, f"{target} to be SERVING", interval=0.05)
+    return time.monotonic() - t0
 
 
 @dataclass

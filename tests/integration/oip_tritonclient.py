@@ -23,6 +23,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.manifest import Manifest
+from tests.helpers import x_batch
 from tests.integration._server import ServerProcess, start_server
 
 
@@ -37,10 +38,6 @@ def infer_input(name: str, a: np.ndarray, datatype: str = "FP32") -> tc.InferInp
     i = tc.InferInput(name, list(a.shape), datatype)
     i.set_data_from_numpy(a)
     return i
-
-
-def x_batch(manifest: Manifest, n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, *manifest.example_shape), dtype=np.float32)
 
 
 def test_server_and_models_are_live_and_ready(client: tc.InferenceServerClient) -> None:
@@ -135,8 +132,9 @@ def test_concurrent_infers_are_batched(server: ServerProcess, client: tc.Inferen
         for _ in range(64):
             assert done.acquire(timeout=30)
         for i in range(64):
-            assert isinstance(results[i], np.ndarray), results[i]
-            np.testing.assert_allclose(results[i], ref[i:i + 1], rtol=1e-5, atol=1e-6)
+            got = results[i]
+            assert isinstance(got, np.ndarray), got
+            np.testing.assert_allclose(got, ref[i:i + 1], rtol=1e-5, atol=1e-6)
         if server.metric("vae_batches_total", model="encoder") - runs0 < 64:
             break
     else:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, python_env, python_module_cmd, run_module
-from tests.integration.conftest import TINY_FLAGS, read_metrics, without_timing
+from tests.helpers import read_metrics, wait_until
+from tests.integration.conftest import TINY_FLAGS, without_timing
 from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -81,11 +82,11 @@ def test_a_killed_rank_fails_the_job_and_the_job_resumes_to_the_same_result(ddp_
     with (tmp_path / "torchrun.log").open("w") as log, subprocess.Popen(
             torchrun(*FLAGS, "--out", str(run)), cwd=REPO, env=python_env(), text=True, stdout=log,
             stderr=subprocess.STDOUT) as proc:
-        deadline = time.monotonic() + 120
-        while not ((run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 1):
+        def progressed() -> bool:
             assert proc.poll() is None, "training ended before it could be killed"
-            assert time.monotonic() < deadline, "no progress within 120 s"
-            time.sleep(0.01)
+            return (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 1
+
+        wait_until(progressed, 120, "the first epoch in metrics.jsonl", interval=0.01)
         time.sleep(read_metrics(run)[-1]["seconds"] / 2)  # about half-way through epoch 2
         rank1 = [pid for pid in _children(proc.pid) if _rank_of(pid) == 1]
         assert len(rank1) == 1, "cannot find the rank-1 worker"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO, flip_byte, python_env, python_module_cmd, run_module
-from tests.integration.conftest import TINY_FLAGS, read_metrics, without_timing
+from tests.helpers import read_metrics, wait_until
+from tests.integration.conftest import TINY_FLAGS, without_timing
 from training import evaluate, fit
 from training.checkpoint import CheckpointError, load_checkpoint
 
@@ -75,13 +76,12 @@ def test_fit_on_the_mnist_test_set(tmp_path: Path, mnist_dir: Path) -> None:
 
 def _wait_and_kill_mid_epoch(proc: subprocess.Popen[str], run: Path, after_epochs: int) -> None:
     """SIGKILL `proc` about half-way through epoch after_epochs + 1 (timed from the epochs so far)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= after_epochs:
-            break
+    def progressed() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"training ended (rc {proc.returncode}) before it could be killed")
-        time.sleep(0.01)
+        return (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= after_epochs
+
+    wait_until(progressed, 120, f"{after_epochs} epoch(s) in metrics.jsonl", interval=0.01)
     epoch_s = read_metrics(run)[-1]["seconds"]
     time.sleep(epoch_s / 2)
     proc.send_signal(signal.SIGKILL)

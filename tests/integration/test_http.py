@@ -24,6 +24,7 @@ import tritonclient.http.aio as tha
 from tritonclient.utils import InferenceServerException
 
 from serving.manifest import Manifest
+from tests.helpers import unread_bytes, wait_until, x_batch, z_batch
 from tests.integration._server import REPO, ServerProcess, start_server
 
 pytestmark = pytest.mark.usefixtures("grpc_frontend")  # every test on both gRPC front ends
@@ -34,14 +35,6 @@ def client(server: ServerProcess) -> Iterator[th.InferenceServerClient]:
     c = th.InferenceServerClient(url=f"127.0.0.1:{server.http_port}", concurrency=4)
     yield c
     c.close()
-
-
-def x_batch(manifest: Manifest, n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, *manifest.example_shape), dtype=np.float32)
-
-
-def z_batch(manifest: Manifest, n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, manifest.latent_dim), dtype=np.float32)
 
 
 def infer_input(name: str, a: np.ndarray, binary: bool) -> th.InferInput:
@@ -271,7 +264,9 @@ def test_chunked_bodies_count_on_the_bytes_in_flight_budget_as_they_arrive(expor
         with socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as first, \
                 socket.create_connection(("127.0.0.1", s.http_port), timeout=30) as second:
             first.sendall(head + chunk)  # alone: admitted, and left unfinished
-            time.sleep(0.5)
+            # Handled, and its chunk read off the socket (so reserved on the budget) before the second comes.
+            wait_until(lambda: s.metric("vae_inflight_requests", method="http/ModelInfer") == 1
+                       and unread_bytes(s.http_port, first.getsockname()[1]) == 0, 30, "the first upload to be read")
             second.sendall(head + chunk)
             answer = second.recv(65536).decode()
             assert answer.startswith("HTTP/1.1 503") and "--max-inflight-bytes" in answer, answer
@@ -334,8 +329,9 @@ def test_a_full_queue_is_503_with_retry_after(exported_model_dir: Path, manifest
         t = threading.Thread(target=lambda: results.append(request(
             s.http_port, "POST", "/v2/models/encoder/infer", body, headers)[0]))
         t.start()
-        while s.metric("vae_queue_rows", model="encoder") == 0 and t.is_alive():
-            time.sleep(0.002)  # the big request is queued first (else it would be the one refused)
+        # The big request is queued first (else it would be the one refused).
+        wait_until(lambda: s.metric("vae_queue_rows", model="encoder") > 0 or not t.is_alive(), 30,
+                   "the big request to be queued", interval=0.002)
         seen: set[int] = set()
         small, small_headers = _binary_body(x_batch(manifest, 6000))  # no room until half the big one ran
         while t.is_alive() and 503 not in seen:
@@ -359,8 +355,8 @@ def test_deadlines_from_the_timeout_header_and_the_triton_parameter(
         body, headers = _binary_body(x_batch(manifest, 12000))  # single-row runs: busy for a few tenths of a second
         t = threading.Thread(target=lambda: request(s.http_port, "POST", "/v2/models/encoder/infer", body, headers))
         t.start()
-        while s.metric("vae_queue_rows", model="encoder") == 0 and t.is_alive():
-            time.sleep(0.002)  # until the big request is queued
+        wait_until(lambda: s.metric("vae_queue_rows", model="encoder") > 0 or not t.is_alive(), 30,
+                   "the big request to be queued", interval=0.002)
         small = _infer_body(manifest)
         if how == "header":
             status, _, answer = request(s.http_port, "POST", "/v2/models/encoder/infer",
@@ -436,7 +432,7 @@ def test_sigterm_under_http_load_loses_no_request_sent_before_not_ready_was_visi
     threads = [threading.Thread(target=client) for _ in range(8)] + [threading.Thread(target=poll)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    wait_until(lambda: sum(status == "200" for _, status in outcomes) >= 16, 30, "the load to be answered")
     s.proc.send_signal(signal.SIGTERM)
     code = s.proc.wait(30)
     gone.set()

@@ -23,6 +23,7 @@ from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
 from serving.config import ServeConfig
 from serving.manifest import load_manifest
+from serving.tensors import to_tensor
 from tests.conftest import REPO, run_module
 from tests.integration._server import start_server
 
@@ -77,13 +78,10 @@ def test_the_worst_request_mix_of_the_shipped_flags_stays_under_the_memory_limit
     rows = {k: min(v, config.max_queue_rows) for k, v in rows.items()}
     rng = np.random.default_rng(0)
 
-    def tensor(a: np.ndarray) -> pb.Tensor:
-        return pb.Tensor(shape=a.shape, data=a.astype("<f4").tobytes())
-
     requests = {
-        "Reconstruct": pb.ReconstructRequest(x=tensor(rng.random((rows["Reconstruct"], *m.example_shape)))),
-        "Encode": pb.EncodeRequest(x=tensor(rng.random((rows["Encode"], *m.example_shape)))),
-        "Decode": pb.DecodeRequest(z=tensor(rng.standard_normal((rows["Decode"], d)))),
+        "Reconstruct": pb.ReconstructRequest(x=to_tensor(rng.random((rows["Reconstruct"], *m.example_shape)))),
+        "Encode": pb.EncodeRequest(x=to_tensor(rng.random((rows["Encode"], *m.example_shape)))),
+        "Decode": pb.DecodeRequest(z=to_tensor(rng.standard_normal((rows["Decode"], d)))),
         "Sample": pb.SampleRequest(count=rows["Sample"], return_z=True),
     }
     s = start_server(mnist_export, tmp_path, *flags)

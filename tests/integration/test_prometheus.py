@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+from tests.helpers import wait_until
 from tests.integration._server import ServerProcess
 
 POLL_S = 15.0
@@ -42,15 +43,8 @@ pytestmark = [
 
 
 def _poll(what: str, fn: Callable[[], T | None], timeout_s: float = POLL_S) -> T:
-    """fn() until it returns something other than None, for at most timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = fn()
-        if got is not None:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
+    """fn() until it returns something other than None (Prometheus answers within its scrape interval)."""
+    return wait_until(fn, timeout_s, what, interval=0.2)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

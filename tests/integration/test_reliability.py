@@ -26,18 +26,15 @@ from serving._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
 from serving.manifest import load_manifest
+from serving.tensors import to_tensor
 from tests.conftest import flip_byte
+from tests.helpers import wait_until
 from tests.integration._server import REPO, ServerProcess, start_failure, start_server
 
 pytestmark = pytest.mark.usefixtures("grpc_frontend")  # every test on both gRPC front ends
 
 ENCODE = "/vae.v1.VaeService/Encode"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def tensor(a: np.ndarray) -> pb.Tensor:
-    a = np.ascontiguousarray(a, dtype="<f4")
-    return pb.Tensor(shape=a.shape, data=a.tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +50,7 @@ def _load_until_gone(target: str, x: np.ndarray, clients: int, visible: list[flo
     outcomes: list[tuple[float, str]] = []
 
     async def one_client(stub: pb_grpc.VaeServiceStub) -> None:
-        req = pb.EncodeRequest(x=tensor(x))
+        req = pb.EncodeRequest(x=to_tensor(x))
         while True:
             t_send = time.monotonic()
             try:
@@ -150,8 +147,7 @@ def test_an_open_health_watch_does_not_hold_shutdown_for_the_grace_period(export
         ended.set()
 
     threading.Thread(target=watch, daemon=True).start()
-    while not seen:
-        time.sleep(0.01)
+    wait_until(lambda: bool(seen), 30, "the first health status", interval=0.01)
     t0 = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(50) == 0, s.log()  # the grace period is 60 s: an open Watch no longer waits it out
@@ -218,11 +214,11 @@ def test_a_unary_call_left_open_without_a_message_is_ended_by_the_connection_age
 
 
 @pytest.mark.parametrize(("method", "make"), [
-    ("Decode", lambda d, shape: pb.DecodeRequest(z=tensor(np.zeros((8192, d))))),
+    ("Decode", lambda d, shape: pb.DecodeRequest(z=to_tensor(np.zeros((8192, d))))),
     ("Sample", lambda d, shape: pb.SampleRequest(count=4096, return_z=True)),
     # As many rows as the request limit lets in: x_hat and the two ELBO terms make the answer larger.
     ("Reconstruct", lambda d, shape: pb.ReconstructRequest(
-        x=tensor(np.zeros(((1048576 - 2048) // (4 * int(np.prod(shape))), *shape))))),
+        x=to_tensor(np.zeros(((1048576 - 2048) // (4 * int(np.prod(shape))), *shape))))),
 ])
 def test_an_answer_over_the_message_limit_is_refused_before_compute_and_counted_as_sent(
         small_limit_server: ServerProcess, exported_model_dir: Path, method: str, make: object) -> None:
@@ -258,7 +254,7 @@ def test_inputs_that_overflow_the_model_are_an_error_never_nan_under_ok(
     with grpc.insecure_channel(server.target) as ch:
         vae = pb_grpc.VaeServiceStub(ch)
         x = np.full((2, *example_shape), 3e38, dtype=np.float32)
-        for call, req in ((vae.Reconstruct, pb.ReconstructRequest(x=tensor(x))),
+        for call, req in ((vae.Reconstruct, pb.ReconstructRequest(x=to_tensor(x))),
                           (vae.Sample, pb.SampleRequest(count=4, temperature=3e38))):
             try:
                 r = call(req, timeout=10)
@@ -269,7 +265,7 @@ def test_inputs_that_overflow_the_model_are_an_error_never_nan_under_ok(
             for field in ("x", "x_hat", "recon_log_lik", "kl"):  # an OK answer must be all finite
                 if r.HasField(field):
                     assert np.isfinite(np.frombuffer(getattr(r, field).data, "<f4")).all(), field
-        ok = vae.Encode(pb.EncodeRequest(x=tensor(np.zeros((1, *example_shape)))), timeout=10)
+        ok = vae.Encode(pb.EncodeRequest(x=to_tensor(np.zeros((1, *example_shape)))), timeout=10)
         assert np.isfinite(np.frombuffer(ok.mu.data, "<f4")).all()  # and the server keeps serving
 
 
@@ -375,7 +371,7 @@ def test_a_model_file_of_another_size_is_refused_with_the_checksum_message(expor
     _one_clear_line(start_failure(bad), "files.encoder", "bytes, the manifest expects")
     shutil.copy(exported_model_dir / "encoder.onnx", bad / "encoder.onnx")
     flip_byte(bad / "decoder.onnx")
-    _one_clear_line(start_failure(bad), "files.decoder", "sha256")
+    _one_clear_line(start_failure(bad), "files.decoder", "sha256", "modified or corrupted")
 
 
 # -- exposure ------------------------------------------------------------------------------------------

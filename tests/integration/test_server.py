@@ -27,7 +27,8 @@ from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
 from serving.client import VaeClient
 from serving.manifest import Manifest, load_manifest
 from serving.tensors import from_tensor, to_tensor
-from tests.conftest import flip_byte, run_module
+from tests.conftest import run_module
+from tests.helpers import wait_until, wait_until_async
 from tests.integration._server import REPO, ServerProcess, serving_cmd, start_failure, start_server
 
 pytestmark = pytest.mark.usefixtures("grpc_frontend")  # every test on both gRPC front ends
@@ -265,8 +266,8 @@ def test_a_full_queue_answers_resource_exhausted_at_once(slow_server: ServerProc
             stub = pb_grpc.VaeServiceStub(ch)
             await stub.GetModelInfo(pb.GetModelInfoRequest())
             first = asyncio.ensure_future(stub.Encode(pb.EncodeRequest(x=to_tensor(big)), timeout=60))
-            while slow_server.metric("vae_queue_rows", model="encoder") == 0 and not first.done():
-                await asyncio.sleep(0.005)  # until the big request is queued
+            await wait_until_async(lambda: slow_server.metric("vae_queue_rows", model="encoder") > 0 or first.done(),
+                                   30, "the big request to be queued")
             try:
                 await stub.Encode(pb.EncodeRequest(x=to_tensor(small)), timeout=60)
                 err: object = None
@@ -294,19 +295,18 @@ def test_a_request_whose_deadline_expires_in_the_queue_is_not_computed(slow_serv
             stub = pb_grpc.VaeServiceStub(ch)
             await stub.GetModelInfo(pb.GetModelInfoRequest())
             first = asyncio.ensure_future(stub.Encode(pb.EncodeRequest(x=to_tensor(big)), timeout=60))
-            while slow_server.metric("vae_queue_rows", model="encoder") == 0 and not first.done():
-                await asyncio.sleep(0.002)  # until the big request is queued
+            await wait_until_async(lambda: slow_server.metric("vae_queue_rows", model="encoder") > 0 or first.done(),
+                                   30, "the big request to be queued", interval=0.002)
             try:
                 await stub.Encode(pb.EncodeRequest(x=to_tensor(late)), timeout=0.03)
                 code = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as e:
                 code = e.code()
             await first
-            for _ in range(400):  # the runner reaches the expired request right after `first`; bounded wait
-                if sum(slow_server.metric("vae_rejections_total", model="encoder", reason=r)
-                       for r in ("deadline", "cancelled")) > dropped0:
-                    break
-                await asyncio.sleep(0.01)
+            # The runner reaches the expired request right after `first`.
+            await wait_until_async(lambda: sum(slow_server.metric("vae_rejections_total", model="encoder", reason=r)
+                                               for r in ("deadline", "cancelled")) > dropped0,
+                                   4, "the expired request to be dropped", interval=0.01)
             return code
 
     rows0 = slow_server.metric("vae_rows_total", model="encoder")
@@ -380,8 +380,7 @@ def test_sigterm_under_load_finishes_every_in_flight_request_goes_not_serving_an
             s.proc.send_signal(signal.SIGTERM)
             return list(await asyncio.gather(*tasks, return_exceptions=True))
 
-    while not statuses:
-        time.sleep(0.01)
+    wait_until(lambda: bool(statuses), 30, "the first health status", interval=0.01)
     replies = asyncio.run(load())
     failed = [r for r in replies if isinstance(r, BaseException)]
     assert not failed, failed
@@ -396,16 +395,6 @@ def test_sigterm_under_load_finishes_every_in_flight_request_goes_not_serving_an
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_a_tampered_model_file_stops_start_up_with_a_clear_error(exported_model_dir: Path,
-                                                                 tmp_path: Path) -> None:
-    bad = tmp_path / "exported"
-    shutil.copytree(exported_model_dir, bad)
-    flip_byte(bad / "decoder.onnx")
-    proc = start_failure(bad)
-    assert proc.returncode == 1
-    assert "files.decoder" in proc.stderr and "sha256" in proc.stderr and "modified or corrupted" in proc.stderr
-
-
 def test_a_missing_model_dir_stops_start_up_with_a_clear_error(tmp_path: Path) -> None:
     proc = start_failure(tmp_path / "nothing")
     assert proc.returncode == 1 and "no manifest" in proc.stderr
@@ -417,8 +406,7 @@ def test_explicit_cuda_without_a_usable_gpu_refuses_to_start(exported_model_dir:
     with subprocess.Popen([*serving_cmd(exported_model_dir, "--providers", "cuda", "--http-port", "-1"),
                            "--ready-file", str(ready)], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as p:
-        while p.poll() is None and not ready.exists():
-            time.sleep(0.05)
+        wait_until(lambda: p.poll() is not None or ready.exists(), 120, "the server to start or exit", interval=0.05)
         if ready.exists():
             p.terminate()
             p.communicate(timeout=60)

@@ -7,7 +7,6 @@ Inference Protocol stream (ModelStreamInfer) is tested with tritonclient in oip_
 
 from __future__ import annotations
 
-import itertools
 import signal
 import threading
 import time
@@ -24,6 +23,7 @@ from serving.client import StreamError, VaeClient, in_order
 from serving.manifest import Manifest
 from serving.tensors import to_tensor
 from tests.conftest import run_module
+from tests.helpers import http_status, wait_until
 from tests.integration._server import ServerProcess, start_server
 
 pytestmark = pytest.mark.usefixtures("grpc_frontend")  # every test on both gRPC front ends
@@ -111,10 +111,8 @@ def test_stream_messages_are_counted_apart_from_unary_calls_and_open_streams_are
     t = threading.Thread(target=lambda: got.extend(client.encode_stream(slow_inputs())))
     t.start()
     try:
-        deadline = time.monotonic() + 10
-        while server.metric("vae_requests_total", method="EncodeStream", code="OK") < ok0 + 10:
-            assert time.monotonic() < deadline, "the stream's answers were never counted"
-            time.sleep(0.05)
+        wait_until(lambda: server.metric("vae_requests_total", method="EncodeStream", code="OK") >= ok0 + 10, 10,
+                   "the stream's answers to be counted", interval=0.05)
         assert server.metric("vae_open_streams", method="EncodeStream") == 1
     finally:
         release.set()
@@ -127,14 +125,18 @@ def test_stream_messages_are_counted_apart_from_unary_calls_and_open_streams_are
 
 def test_the_streams_deadline_ends_it_with_deadline_exceeded(client: VaeClient, manifest: Manifest) -> None:
     inputs = xs(manifest, 3)
+    ended = threading.Event()
 
     def then_wait() -> Iterator[np.ndarray]:
         yield from inputs
-        time.sleep(3)
+        ended.wait(30)  # the stream stays open (no half-close) until its deadline has ended it
 
     answers: list[object] = []
-    with pytest.raises(grpc.RpcError) as e:
-        answers.extend(client.encode_stream(then_wait(), timeout_s=1.0))
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            answers.extend(client.encode_stream(then_wait(), timeout_s=1.0))
+    finally:
+        ended.set()
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
     assert len(answers) == 3  # what was sent in time was answered
 
@@ -163,22 +165,27 @@ def test_a_client_that_writes_without_reading_holds_bounded_server_memory_and_ot
     s = start_server(exported_model_dir, tmp_path, "--max-stream-inflight", str(limit))
     x = xs(manifest, 1, rows=64)[0]  # 16 KiB per message on the digits model
     msg = pb.EncodeStreamRequest(id="hog", request=pb.EncodeRequest(x=to_tensor(x)))
-    sent = itertools.count()
+    sent = [0]  # messages the client has handed to gRPC so far
     total = 20_000  # 330 MB if the server read it all
 
     def flood() -> Iterator[pb.EncodeStreamRequest]:
         for _ in range(total):
-            next(sent)
+            sent[0] += 1
             yield msg
+
+    seen = [-1]
+
+    def stalled() -> bool:
+        """The client wrote at least `limit` messages and none since the last look, half a second ago."""
+        before, seen[0] = seen[0], sent[0]
+        return seen[0] >= limit and seen[0] == before
 
     try:
         rss0 = rss_bytes(s.pid)
         with grpc.insecure_channel(s.target) as ch:
             hog = pb_grpc.VaeServiceStub(ch).EncodeStream(flood(), timeout=60)  # never read
-            time.sleep(3)
-            taken = next(sent)
-            time.sleep(1)
-            assert next(sent) - taken <= 2, "the client's writes never stalled"
+            wait_until(stalled, 30, "the client's writes to stall (HTTP/2 flow control)", interval=0.5)
+            taken = sent[0]
             assert server_inflight(s) <= limit
             # Another client is still served at once, on its own connection and on a stream.
             with VaeClient(s.target, timeout_s=5) as other:
@@ -204,6 +211,7 @@ def test_sigterm_with_an_open_stream_serves_it_through_the_drain_then_ends_it_an
     s = start_server(exported_model_dir, tmp_path, "--drain-delay-s", "1", "--grace-period-s", "2")
     x = xs(manifest, 1)[0]
     feed: list[threading.Event] = [threading.Event() for _ in range(3)]
+    done = threading.Event()
     answers: list[object] = []
     outcome: list[str] = []
 
@@ -211,7 +219,7 @@ def test_sigterm_with_an_open_stream_serves_it_through_the_drain_then_ends_it_an
         for ev in feed:
             ev.wait(30)
             yield x
-        time.sleep(60)  # never half-closes: only the server's shutdown ends this stream
+        done.wait(60)  # never half-closes: only the server's shutdown ends this stream
 
     def run() -> None:
         with VaeClient(s.target, timeout_s=60) as c:
@@ -225,29 +233,23 @@ def test_sigterm_with_an_open_stream_serves_it_through_the_drain_then_ends_it_an
     t.start()
     try:
         feed[0].set()
-        wait_for(lambda: len(answers) == 1)
+        wait_until(lambda: len(answers) == 1, 10, "the first answer")
         t0 = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        wait_until(lambda: http_status(s.http_port, "/v2/health/ready") == 503, 10, "the drain to begin")
         feed[1].set()  # during the drain delay: still answered
-        wait_for(lambda: len(answers) == 2)
+        wait_until(lambda: len(answers) == 2, 10, "the answer sent during the drain delay")
         code = s.proc.wait(30)
         took = time.monotonic() - t0
         t.join(10)
     finally:
         feed[2].set()
+        done.set()
         if s.proc.poll() is None:
             s.stop()
     assert code == 0, s.log()
     assert took < 1 + 2 + 5, f"exit took {took:.1f} s"
     assert outcome and outcome[0] in ("CANCELLED", "UNAVAILABLE"), outcome
-
-
-def wait_for(cond: object, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_the_client_cli_streams_rows_and_gets_the_unary_answers(server: ServerProcess, client: VaeClient,

@@ -340,9 +340,11 @@ def test_non_finite_outputs_of_an_inline_run_fail_only_their_request() -> None:
         bad[0, 1] = 999
         # Submitted in one event-loop pass: one batch of three.
         done = await asyncio.gather(*(b.submit(x) for x in (rows(5, 1), bad, rows(7, 1))), return_exceptions=True)
-        np.testing.assert_array_equal(done[0][0], rows(5, 1) * 2)
-        assert isinstance(done[1], InvalidInput) and "row 0" in str(done[1])
-        np.testing.assert_array_equal(done[2][0], rows(7, 1) * 2)
+        first, second, third = done
+        assert isinstance(first, list) and isinstance(third, list)
+        np.testing.assert_array_equal(first[0], rows(5, 1) * 2)
+        assert isinstance(second, InvalidInput) and "row 0" in str(second)
+        np.testing.assert_array_equal(third[0], rows(7, 1) * 2)
 
     run_with(runner, body, inline_rows=8)
     assert [len(x) for x in runner.batches] == [3]

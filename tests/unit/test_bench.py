@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import os
 import subprocess
 import sys
@@ -20,11 +22,12 @@ from benchmarks.scenarios import summarize_profile
 from loadgen.null_server import NullHandler
 from loadgen.procstat import cpus_busy_s, proc_cpu_s, proc_memory_mb, proc_runqueue_wait_s
 from loadgen.report import format_table
-from loadgen.requests import build_requests
+from loadgen.requests import build_http_requests, build_requests, model_info_from
 from loadgen.run import _result, _State, run_bench
 from loadgen.spec import BenchError, BenchSpec, check_loopback
 from serving._proto.inference import grpc_service_pb2 as oip_pb
 from serving._proto.vae.v1 import vae_service_pb2 as pb
+from serving.manifest import FileEntry, build_manifest
 
 
 def _NullHandler(proto: bool = False, latent_dim: int = 20) -> NullHandler:
@@ -108,6 +111,32 @@ def test_oip_requests_are_raw_fp32_for_the_named_model() -> None:
     assert list(req.inputs[0].shape) == [4, 784] and len(req.raw_input_contents[0]) == 4 * 784 * 4
     dec = oip_pb.ModelInferRequest.FromString(build_requests("infer-decoder", 2, (784,), 20, 1)[0])
     assert dec.model_name == "decoder" and dec.inputs[0].name == "z" and list(dec.inputs[0].shape) == [2, 20]
+
+
+def test_oip_requests_name_their_inputs_as_the_model_does() -> None:
+    names = {"encoder": "pixels", "decoder": "code"}
+    req = oip_pb.ModelInferRequest.FromString(build_requests("infer-decoder", 2, (784,), 20, 1, input_names=names)[0])
+    assert req.inputs[0].name == "code"
+    body, headers = build_http_requests("http-encoder", 1, (4,), 2, 1, input_names=names)[0]
+    head = json.loads(body[:int(headers["Inference-Header-Content-Length"])])
+    assert head["inputs"][0]["name"] == "pixels"
+
+
+def test_the_input_names_come_from_the_servers_manifest_else_from_the_tensor_contract() -> None:
+    files = {role: FileEntry(f"{role}.onnx", "0" * 64, 1) for role in ("encoder", "decoder")}
+    manifest = build_manifest(name="m", files=files, example_shape=(4,), latent_dim=2, likelihood="bernoulli",
+                              learned_variance=False, normalization={"kind": "scale", "offset": 0.0, "scale": 1.0},
+                              opset=18, versions={}, training={}, parity={})
+    info = pb.GetModelInfoResponse(example_shape=[4], latent_dim=2, manifest_json=json.dumps(manifest))
+    model = model_info_from(info)
+    assert model is not None and model.input_names == {"encoder": "x", "decoder": "z"}
+    renamed = copy.deepcopy(manifest)
+    renamed["encoder"]["inputs"][0]["name"] = "pixels"  # a manifest the contract refuses
+    with pytest.raises(BenchError, match="manifest_json does not parse"):
+        model_info_from(pb.GetModelInfoResponse(example_shape=[4], latent_dim=2, manifest_json=json.dumps(renamed)))
+    no_manifest = model_info_from(pb.GetModelInfoResponse(example_shape=[4], latent_dim=2))
+    assert no_manifest is not None and no_manifest.input_names == {"encoder": "x", "decoder": "z"}
+    assert model_info_from(pb.GetModelInfoResponse()) is None  # a null server: shapes from the flags
 
 
 def test_proc_readers_see_this_process_cpu_and_memory() -> None:
@@ -260,7 +289,7 @@ def test_reference_targets_are_ratios_to_the_systems_measured_in_the_same_run() 
     ours |= {"vae.v1 encode/c64/b1": m(4000, 4000, 10), "vae.v1 decode/c64/b1": m(1000, 1000, 10)}
     naive = {k: m(v[0] / 1.2, v[1] / 1.2, v[2]) for k, v in grid.items()}  # we are 1.2x the naive server
     triton = {k: m(v[0] / 1.15, v[1], v[2] * 2) for k, v in grid.items()}  # Triton: 1.15x our CPU at C=64
-    ref = {"systems": ["vae-serve", "naive", "triton"], "triton_missing": False, "rounds": 1, "duration_s": 1.0,
+    ref: dict[str, Any] = {"systems": ["vae-serve", "naive", "triton"], "triton_missing": False, "rounds": 1, "duration_s": 1.0,
            "scenarios": list(grid), "summary": {"vae-serve": ours, "naive": naive, "triton": triton},
            "commands": {"vae-serve": "x", "naive": "y", "triton": "z"}, "idle_pss_mb": {"vae-serve": 90.0}}
     got = {what: (round(r, 2), ok) for what, r, _, ok in reference_targets(ref) if r is not None}

@@ -69,6 +69,7 @@ def test_npy_float_data_with_gaussian_is_standardised_on_the_train_split(tmp_pat
     np.save(tmp_path / "x.npy", x)
     cfg = TrainConfig(data=f"npy:{tmp_path / 'x.npy'}", likelihood="gaussian", test_fraction=0.0)
     s = load_data(cfg)
+    assert isinstance(s.normalization.offset, list) and isinstance(s.normalization.scale, list)
     assert s.normalization.kind == "standardize" and len(s.normalization.offset) == 3
     torch.testing.assert_close(s.train.mean(dim=0), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(s.train[:, :2].std(dim=0, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
@@ -87,7 +88,8 @@ def test_npy_float_data_outside_0_1_is_rescaled_only_when_asked(tmp_path: Path) 
     np.save(tmp_path / "x.npy", np.linspace(-2, 6, 40, dtype=np.float32).reshape(10, 4))
     s = load_data(TrainConfig(data=f"npy:{tmp_path / 'x.npy'}", rescale=True, test_fraction=0.0))
     assert float(s.train.min()) >= 0.0 and float(s.train.max()) <= 1.0
-    assert s.normalization.kind == "scale" and s.normalization.scale > 0
+    assert s.normalization.kind == "scale" and isinstance(s.normalization.scale, float)
+    assert s.normalization.scale > 0
 
 
 def test_images_folder_of_grayscale_and_rgb_is_resized_to_image_size(tmp_path: Path) -> None:

@@ -11,13 +11,16 @@ import pytest
 
 from serving.manifest import (
     ChecksumMismatch,
+    FileEntry,
     Manifest,
     ManifestError,
+    build_manifest,
     graph_specs,
     load_manifest,
     model_version,
     sha256_file,
     verify_model_dir,
+    write_manifest,
 )
 
 
@@ -110,3 +113,35 @@ def test_the_graph_contract_is_one_description_for_each_likelihood() -> None:
     assert g["decoder"].output_names() == ["x_mean", "x_var"]
     assert graph_specs((4,), 2, "gaussian", learned_variance=False)["decoder"].output_names() == ["x_mean"]
     assert graph_specs((4,), 2, "bernoulli", learned_variance=False)["decoder"].output_names() == ["x_mean", "logits"]
+
+
+def _built(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    (tmp_path / "encoder.onnx").write_bytes(b"enc")
+    (tmp_path / "decoder.onnx").write_bytes(b"dec")
+    kw: dict[str, Any] = {
+        "name": "m", "files": {role: FileEntry.of(tmp_path / f"{role}.onnx") for role in ("encoder", "decoder")},
+        "example_shape": (4,), "latent_dim": 2, "likelihood": "gaussian", "learned_variance": True,
+        "normalization": {"kind": "standardize", "offset": 0.0, "scale": 1.0}, "opset": 18,
+        "versions": {"onnx": "1"}, "training": {"config": {}}, "parity": {"passed": True},
+        "created_at": "2026-01-01T00:00:00+00:00"}
+    return build_manifest(**(kw | overrides))
+
+
+def test_the_manifest_written_by_build_manifest_is_the_one_the_reader_verifies(tmp_path: Path) -> None:
+    d = _built(tmp_path)
+    assert list(d) == ["schema_version", "name", "version", "created_at", "example_shape", "latent_dim",
+                       "likelihood", "learned_variance", "normalization", "files", "encoder", "decoder", "opset",
+                       "versions", "training", "parity"]
+    path = write_manifest(tmp_path, d)
+    assert path.read_text() == json.dumps(d, indent=2) + "\n"
+    m = verify_model_dir(tmp_path)
+    assert m.version == model_version(sha256_file(tmp_path / "encoder.onnx"), sha256_file(tmp_path / "decoder.onnx"))
+    assert m.graphs == graph_specs((4,), 2, "gaussian", learned_variance=True)
+    assert m.files["decoder"] == FileEntry("decoder.onnx", sha256_file(tmp_path / "decoder.onnx"), 3)
+
+
+def test_write_manifest_refuses_a_manifest_the_reader_would_refuse(tmp_path: Path) -> None:
+    d = _built(tmp_path, normalization={"kind": "scale", "offset": 0.0, "scale": 0.0})
+    with pytest.raises(ManifestError, match="normalization.scale: expected non-zero numbers"):
+        write_manifest(tmp_path, d)
+    assert not (tmp_path / "model.json").exists()

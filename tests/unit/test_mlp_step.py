@@ -29,8 +29,10 @@ def test_the_manual_gradients_and_sums_equal_autograds(hidden: tuple[int, ...], 
                                                        free_bits: float | str) -> None:
     torch.manual_seed(0)
     vae = VAE(TrainConfig(hidden=hidden, latent_dim=6), (8, 8)).double()
+    last = list(vae.encoder_body.children())[-1]
+    assert isinstance(last, torch.nn.Linear)
     with torch.no_grad():
-        vae.encoder_body[-1].weight.mul_(4.0)  # spread the per-dimension KL so a floor splits the dimensions
+        last.weight.mul_(4.0)  # spread the per-dimension KL so a floor splits the dimensions
     x = torch.rand(17, 8, 8, dtype=torch.float64)
     eps = torch.randn(17, 6, dtype=torch.float64)
     if free_bits == "between":
@@ -83,8 +85,10 @@ def test_backward_auto_picks_the_manual_step_only_where_it_is_written_for() -> N
 def test_logits_past_the_sigmoids_float32_range_still_give_the_true_log_likelihood() -> None:
     torch.manual_seed(2)
     vae = VAE(TrainConfig(hidden=(16,), latent_dim=3), (10,))
+    last = list(vae.decoder_body.children())[-1]
+    assert isinstance(last, torch.nn.Linear)
     with torch.no_grad():
-        vae.decoder_body[-1].bias[:5] = 120.0  # sigmoid(-120) is 0 in float32: log would give -inf
+        last.bias[:5] = 120.0  # sigmoid(-120) is 0 in float32: log would give -inf
     x = torch.rand(4, 10)
     eps = torch.randn(4, 3)
     _, expected_sums = _autograd_reference(vae, x, eps, 1.0, 0.0)
@@ -110,22 +114,22 @@ class _Recording(torch.nn.Module):
 
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
 def test_an_epoch_gives_every_step_its_own_batch_and_fresh_noise_and_sums_every_step(objective: str) -> None:
-    """More steps than one draw of noise covers (fit.NOISE_STEPS) and a short last batch: each step gets the rows
-    its slice of the shard names, noise of its own shape never reused, and the epoch's sums are its steps'."""
-    from training import fit
+    """More steps than one draw of noise covers (epoch.NOISE_STEPS) and a short last batch: each step gets
+    the rows its slice of the shard names, noise of its own shape never reused, and the epoch's sums are its steps'."""
+    from training import epoch
 
-    n, b = (fit.NOISE_STEPS + 3) * 4 + 2, 4  # 35 full batches and one of 2
+    n, b = (epoch.NOISE_STEPS + 3) * 4 + 2, 4  # 35 full batches and one of 2
     config = TrainConfig(hidden=(8,), latent_dim=3, batch_size=b, objective=objective, iwae_k=2,  # type: ignore[arg-type]
                          backward="autograd", matmul_precision="medium").resolved(5, n)
     torch.manual_seed(0)
     vae = VAE(config, (5,))
     model = _Recording(vae)
-    opt = fit.make_optimizer(vae, config, torch.device("cpu"))
+    opt = epoch.make_optimizer(vae, config, torch.device("cpu"))
     x_train = torch.rand(n, 5)
     shard = torch.randperm(n)
     before = torch.get_float32_matmul_precision()
-    sums, taken = fit.train_one_epoch(model, vae, opt, x_train, shard, b, config, 0,
-                                      fit.noise_generator(0, 0, 0, torch.device("cpu")))
+    sums, taken = epoch.train_one_epoch(model, vae, opt, x_train, shard, b, config, 0,
+                                        epoch.noise_generator(0, 0, 0, torch.device("cpu")))
     assert set(model.precisions) == {"medium"}  # the steps ran at the config's precision ...
     assert torch.get_float32_matmul_precision() == before  # ... and validation after them does not
     steps = -(-n // b)

@@ -1,4 +1,4 @@
-"""training.fit's learning-rate schedule and wall-clock budget (no training)."""
+"""training.schedule: training.fit's learning-rate schedule and wall-clock budget (no training)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from training import distributed as D
 from training.config import TrainConfig
-from training.fit import Clock, lr_factor
+from training.schedule import Clock, lr_factor
 
 
 def test_the_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_zero() -> None:
