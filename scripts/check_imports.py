@@ -20,11 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES: tuple[str, ...] = ("training", "serving", "loadgen", "benchmarks", "deploy", "scripts")
 
 # Imports left out of the check, each with the reason and who removes it. Keep this empty.
-ALLOWED: dict[tuple[str, str], str] = {
-    # TEMPORARY (issue 25): serving.metrics imports MULTIPROC_ENV from serving.workers, which imports
-    # serving.metrics; the serving rewrite removes the cycle, and this entry with it.
-    ("serving.metrics", "serving.workers"): "known cycle, fixed by the serving rewrite",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def import_graph(packages: Iterable[str] = PACKAGES) -> dict[str, set[str]]:

@@ -3,6 +3,7 @@ one ONNX Runtime session (CPU, `intra_op_threads` from config.pbtxt) run on each
 dynamic batcher hands to `execute`; each request gets its rows of every output back."""
 
 import json
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -10,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, Any]) -> None:
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         so = ort.SessionOptions()
@@ -20,7 +21,7 @@ class TritonPythonModel:
         self.input = cfg["input"][0]["name"]
         self.outputs = [o["name"] for o in cfg["output"]]
 
-    def execute(self, requests):
+    def execute(self, requests: list[Any]) -> list[Any]:
         xs = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         outs = self.sess.run(self.outputs, {self.input: np.ascontiguousarray(x, dtype=np.float32)})
@@ -32,5 +33,5 @@ class TritonPythonModel:
             start += n
         return responses
 
-    def finalize(self):
-        self.sess = None
+    def finalize(self) -> None:
+        self.sess = None  # type: ignore[assignment]

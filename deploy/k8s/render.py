@@ -5,7 +5,8 @@
 scripts/validate_deploy.sh prefers `kubectl kustomize` (kustomize v5 is built into kubectl and works
 offline); this renderer exists so the manifests can still be rendered and validated on a machine
 without kubectl, and tests/integration/test_deploy.py checks that both give the same objects.
-Supported: `resources` (files and directories), `namespace`, `labels` (pairs, includeSelectors,
+Supported: `resources` (files and directories), `components` (kind Component: their resources, generators
+and patches, applied to everything rendered so far, as kustomize does), `namespace`, `labels` (pairs, includeSelectors,
 includeTemplates), `configMapGenerator` (envs/literals, behavior create|merge, options.labels, a
 content-hash name suffix with references rewritten), `images` (newName/newTag) and `patches` given as
 JSON 6902 operation lists with a target kind/name. Anything else is an error, never silently ignored.
@@ -25,8 +26,8 @@ from typing import Any
 import yaml
 
 Obj = dict[str, Any]
-KNOWN_KEYS = {"apiVersion", "kind", "resources", "namespace", "labels", "configMapGenerator", "images",
-              "patches"}
+KNOWN_KEYS = {"apiVersion", "kind", "resources", "components", "namespace", "labels", "configMapGenerator",
+              "images", "patches"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                   "PriorityClass", "StorageClass", "APIService"}
 TEMPLATED = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
@@ -124,15 +125,28 @@ def _rename_configmap_refs(doc: Obj, names: dict[str, str]) -> None:
             v["configMap"]["name"] = names[v["configMap"]["name"]]
 
 
-def _build(base: Path) -> tuple[list[Obj], dict[str, Obj]]:
-    """Objects (generated ConfigMaps still unhashed) and the generated ConfigMaps by name."""
+def _load(base: Path, kind: str) -> tuple[Path, Obj]:
     kfile = base / "kustomization.yaml"
     k = yaml.safe_load(kfile.read_text()) or {}
     unknown = set(k) - KNOWN_KEYS
     if unknown:
         raise RenderError(f"{kfile}: unsupported fields {sorted(unknown)} (use kubectl kustomize)")
+    if k.get("kind", "Kustomization") != kind:
+        raise RenderError(f"{kfile}: kind {k.get('kind')!r} where a {kind} is expected")
+    return kfile, k
+
+
+def _build(base: Path) -> tuple[list[Obj], dict[str, Obj]]:
+    """Objects (generated ConfigMaps still unhashed) and the generated ConfigMaps by name."""
+    kfile, k = _load(base, "Kustomization")
     docs: list[Obj] = []
     generated: dict[str, Obj] = {}
+    _transform(base, kfile, k, docs, generated)
+    return docs, generated
+
+
+def _transform(base: Path, kfile: Path, k: Obj, docs: list[Obj], generated: dict[str, Obj]) -> None:
+    """Add `k`'s resources and components to `docs`, then apply its generators and transformers to all of them."""
     for res in k.get("resources", []):
         path = base / res
         if path.is_dir():
@@ -141,6 +155,10 @@ def _build(base: Path) -> tuple[list[Obj], dict[str, Obj]]:
             generated.update(sub_gen)
         else:
             docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for comp in k.get("components", []):
+        # A component sees (and patches) everything its parent has rendered so far.
+        ckfile, ck = _load(base / comp, "Component")
+        _transform(base / comp, ckfile, ck, docs, generated)
     for gen in k.get("configMapGenerator", []):
         name, behavior = gen["name"], gen.get("behavior", "create")
         data = _env_pairs(base, gen)
@@ -186,7 +204,6 @@ def _build(base: Path) -> tuple[list[Obj], dict[str, Obj]]:
         for d in docs:
             if d["kind"] not in CLUSTER_SCOPED:
                 d["metadata"]["namespace"] = k["namespace"]
-    return docs, generated
 
 
 def render(base: Path) -> list[Obj]:
