@@ -74,7 +74,9 @@ def metrics_table() -> str:
     m = Metrics()
     rows = ["| name | type | labels | help |", "| --- | --- | --- | --- |"]
     for collector in m.registry._collector_to_names:
-        kind = collector._type  # type: ignore[attr-defined]
+        kind = getattr(collector, "_type", None)
+        if kind is None:  # not a metric family (the tallies' flush, run before each collection)
+            continue
         name = collector._name + ("_total" if kind == "counter" else "")  # type: ignore[attr-defined]
         labels = ", ".join(f"`{n}` ({LABEL_VALUES[n]})" if n in LABEL_VALUES else f"`{n}`"
                            for n in collector._labelnames)  # type: ignore[attr-defined]

@@ -10,6 +10,9 @@
 #   monitoring  CRDs and wiring (deploy/k8s/check_monitoring.py) + PrometheusRule up to date with rules.yml
 #   promtool    promtool check rules (rules.yml, each rendered PrometheusRule spec, adapter queries)
 #               and promtool test rules deploy/prometheus/rules_test.yml
+#   requestcap  the request-size cap at the proxy (deploy/k8s/check_request_cap.py, each rendered overlay):
+#               every Ingress to the server carries --max-message-bytes + 64 KiB and the NetworkPolicy admits
+#               requests only through the proxy; overlays without an Ingress (the cap is optional) pass
 #   kserve      render deploy/kserve (same renderer), deploy/kserve/check_kserve.py (KServe CRD fields and
 #               wiring, by hand: no schema exists offline) and kubernetes-validate --strict of the runtime's pod
 #   hadolint    hadolint deploy/Dockerfile
@@ -84,6 +87,11 @@ step_promtool() {
   done
 }
 
+step_requestcap() {
+  need_rendered
+  for f in $(rendered); do "$PY" deploy/k8s/check_request_cap.py "$f"; done
+}
+
 step_kserve() {
   render_dir deploy/kserve "$OUT/kserve.yaml"
   "$PY" deploy/kserve/check_kserve.py "$OUT/kserve.yaml" --out "$OUT/kserve"
@@ -97,7 +105,7 @@ step_hadolint() {
   echo "hadolint: deploy/Dockerfile clean ($("$hl" --version))"
 }
 
-steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(render kubernetes monitoring promtool kserve hadolint)
+steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(render kubernetes monitoring promtool requestcap kserve hadolint)
 for s in "${steps[@]}"; do
   declare -F "step_$s" >/dev/null || { echo "validate_deploy: unknown step $s" >&2; exit 2; }
   echo "== $s"

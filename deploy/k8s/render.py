@@ -5,12 +5,12 @@
 scripts/validate_deploy.sh prefers `kubectl kustomize` (kustomize v5 is built into kubectl and works
 offline); this renderer exists so the manifests can still be rendered and validated on a machine
 without kubectl, and tests/integration/test_deploy.py checks that both give the same objects.
-Supported: `resources` (files and directories), `components` (kind Component: their resources, generators
-and patches, applied to everything rendered so far, as kustomize does), `namespace`, `labels` (pairs, includeSelectors,
-includeTemplates), `configMapGenerator` (envs/literals, behavior create|merge, options.labels, a
-content-hash name suffix with references rewritten), `images` (newName/newTag) and `patches` given as
-JSON 6902 operation lists with a target kind/name. Anything else is an error, never silently ignored.
-The name suffix is a content hash like kustomize's but not byte-identical to it.
+Supported: `resources` (files and directories), `components` (kind Component: their resources,
+generators and patches, applied to everything rendered so far, as kustomize does), `namespace`, `labels`
+(pairs, includeSelectors, includeTemplates), `configMapGenerator` (envs/literals, behavior create|merge,
+options.labels, a content-hash name suffix with references rewritten), `images` (newName/newTag) and
+`patches` given as JSON 6902 operation lists with a target kind/name. Anything else is an error, never
+silently ignored. The name suffix is a content hash like kustomize's but not byte-identical to it.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def _build(base: Path) -> tuple[list[Obj], dict[str, Obj]]:
 
 
 def _transform(base: Path, kfile: Path, k: Obj, docs: list[Obj], generated: dict[str, Obj]) -> None:
-    """Add `k`'s resources and components to `docs`, then apply its generators and transformers to all of them."""
+    """Add `k`'s resources and components to `docs`, then apply its generators and transformers to all."""
     for res in k.get("resources", []):
         path = base / res
         if path.is_dir():

@@ -18,7 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "validate_deploy.sh"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "cpu-request-size-cap")
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -81,6 +81,59 @@ def test_kubernetes_validate_strict_rejects_a_misspelled_field(rendered: Path, t
     proc = subprocess.run([str(kv if kv.exists() else "kubernetes-validate"), "--strict", "-k", "1.31.0",
                            str(bad)], check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "readinessProbes" in proc.stdout + proc.stderr
+
+
+def _check_request_cap():  # deploy/k8s/check_request_cap.py as a module
+    sys.path.insert(0, str(REPO / "deploy" / "k8s"))
+    try:
+        import check_request_cap
+    finally:
+        sys.path.pop(0)
+    return check_request_cap
+
+
+def test_the_request_size_cap_is_the_servers_max_message_bytes_plus_a_small_allowance(rendered: Path) -> None:
+    from serving.config import ServeConfig
+
+    crc = _check_request_cap()
+    # Room for the 5-byte gRPC prefix, small next to the limit: the proxy must not let through much more.
+    assert 5 <= crc.ALLOWANCE_BYTES <= 1024 * 1024
+    ingresses = [d for d in _objects(rendered / "cpu-request-size-cap.yaml").values() if d["kind"] == "Ingress"]
+    assert {i["metadata"]["name"] for i in ingresses} == {"vae-serve-grpc", "vae-serve-http"}
+    for ing in ingresses:
+        cap = crc.nginx_size(ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"])
+        assert cap == ServeConfig().max_message_bytes + crc.ALLOWANCE_BYTES
+    log = _validate("requestcap", rendered)
+    assert "cpu-request-size-cap.yaml: request-size cap consistent (2 Ingresses, 16842752 bytes)" in log
+    assert "cpu.yaml: no request-size cap" in log and "gpu.yaml: no request-size cap" in log
+
+
+def test_validation_renders_and_strictly_validates_the_request_size_cap_component(rendered: Path) -> None:
+    kustomization = yaml.safe_load((REPO / "deploy/k8s/overlays/cpu-request-size-cap/kustomization.yaml").read_text())
+    assert kustomization["components"] == ["../../components/request-size-cap"]
+    log = _validate("kubernetes", rendered)
+    for name in ("vae-serve-grpc", "vae-serve-http"):
+        for v in ("1.31", "1.34"):
+            assert f"cpu-request-size-cap.builtin.yaml passed for resource ingress/{name} against version {v}" in log
+    assert "requestcap" in SCRIPT.read_text().split("steps=(render", 1)[1].split(")", 1)[0]
+
+
+def test_check_request_cap_rejects_a_drifted_cap_an_uncapped_route_and_a_way_around_the_proxy(rendered: Path) -> None:
+    crc = _check_request_cap()
+    docs = list(_objects(rendered / "cpu-request-size-cap.yaml").values())
+    assert crc.check(docs) == []
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    cm["data"]["VAE_SERVE_MAX_MESSAGE_BYTES"] = str(32 * 1024 * 1024)  # the server's limit moved, the proxy's not
+    errors = crc.check(docs)
+    assert len(errors) == 2 and all("proxy-body-size 16842752 != --max-message-bytes + 65536" in e for e in errors)
+    del cm["data"]["VAE_SERVE_MAX_MESSAGE_BYTES"]
+    (http,) = [d for d in docs if d["metadata"]["name"] == "vae-serve-http"]
+    del http["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    (np,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    np["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]  # the base's: any namespace
+    errors = crc.check(docs)
+    assert any("vae-serve-http: no nginx.ingress.kubernetes.io/proxy-body-size" in e for e in errors)
+    assert any("port grpc is open to namespaces ['None']" in e for e in errors)
 
 
 def test_crds_and_cross_object_wiring_are_consistent(rendered: Path) -> None:
