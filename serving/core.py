@@ -96,6 +96,8 @@ class VaeCore:
         self._i_mean, self._i_logits, self._i_xvar = dec["x_mean"], dec.get("logits"), dec.get("x_var")
         # (model, outputs asked for) -> what run_work needs: input name, floats returned and made per row, and
         # (output name, position) of each returned output
+        self._tails = {role: g.input.tail for role, g in self.graphs.items()}
+        self._tail_sizes = {role: math.prod(t) for role, t in self._tails.items()}
         self._run_plans: dict[tuple[str, frozenset[str] | None], tuple[str, int, int, tuple[tuple[str, int], ...]]] = {}
         # float32 values per row over every output of each graph (sizes the response checks; fixed)
         self._row_floats = {role: sum(math.prod(t.tail) for t in g.outputs) for role, g in self.graphs.items()}
@@ -116,12 +118,12 @@ class VaeCore:
         `data` is raw little-endian float32 (decoded with np.frombuffer, no copy). Raises InvalidInput
         naming `field`.
         """
-        tail = self.graphs[model].input.tail
+        tail = self._tails[model]
         shape = tuple(shape)  # proto repeated int64: ints already
         if len(shape) != 1 + len(tail) or shape[1:] != tail or not 1 <= shape[0] <= self.max_rows:
             want = f"shape (N, {', '.join(str(s) for s in tail)}) float32 with 1 <= N <= {self.max_rows}"
             raise InvalidInput(field, want, _shape_str(shape), model)
-        count = math.prod(shape)
+        count = shape[0] * self._tail_sizes[model]
         if len(data) != 4 * count:
             raise InvalidInput(field, f"{4 * count} bytes of float32 for shape {_shape_str(shape)}",
                                f"{len(data)} bytes", model)

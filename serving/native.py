@@ -44,10 +44,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from google.protobuf.descriptor import ServiceDescriptor
 from pygrpc_native import EVENT_CALL, NativeGrpcFront
 
-from serving.batcher import Outputs, Ticket
+from serving.batcher import Batcher, Outputs, Ticket
 from serving.budget import current_lease
 from serving.core import Work
 from serving.dataplane import DataPlane
@@ -93,13 +94,13 @@ class _NativeCall(RequestScope):
     """One call in flight: the request wrapper plus its id, and what to answer with. It is also the
     context the adapters' coroutines see (they only ask it for `time_remaining`)."""
 
-    __slots__ = ("call_id", "finish", "front", "task", "ticket")
+    __slots__ = ("call_id", "finish", "front", "group", "task")
 
     def __init__(self, front: NativeFront, mm: MethodMetrics, deadline: float | None, call_id: int) -> None:
         super().__init__(mm, front.plane.budget, deadline)
         self.front = front
         self.call_id = call_id
-        self.ticket: Ticket | None = None
+        self.group: _Group | None = None
         self.task: asyncio.Task[None] | None = None
         self.finish: Callable[[Outputs], Any] | None = None
 
@@ -121,11 +122,82 @@ class _NativeCall(RequestScope):
 
     def abandon(self) -> None:
         """The client went away or its deadline passed (the front has answered it): drop the work."""
-        if self.ticket is not None:
-            self.ticket.cancel()
+        if self.group is not None:
+            self.group.leave()
         if self.task is not None:
             self.task.cancel()
         self.cancelled()
+
+
+class _Group:
+    """The hot calls of one batch of events for one model: their rows, concatenated, are one batcher request
+    (one queue entry, one deadline check, one slice of a run), and each call gets its rows of the outputs.
+
+    The group's deadline is its members' latest (none if one has none): a member whose deadline passes
+    is answered DEADLINE_EXCEEDED by the front and left out, the others still run. The request is dropped
+    from the queue once every member has gone (cancelled or expired): never computed then.
+    """
+
+    __slots__ = ("calls", "live", "ticket", "xs")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[_NativeCall, int]] = []  # (call, its rows), in row order
+        self.xs: list[np.ndarray] = []                  # their inputs, in the same order
+        self.live = 0
+        self.ticket: Ticket | None = None
+
+    def leave(self) -> None:
+        self.live -= 1
+        if self.live == 0 and self.ticket is not None:
+            self.ticket.cancel()
+
+    def done(self, result: Outputs | BaseException) -> None:
+        if isinstance(result, BaseException):
+            for call, _ in self.calls:
+                if not call.ended:
+                    call.done(result)
+            return
+        start = 0
+        for call, rows in self.calls:
+            end = start + rows
+            if not call.ended:
+                call.done([o[start:end] for o in result])
+            start = end
+
+
+def _enqueue(batcher: Batcher, members: list[tuple[_NativeCall, Work]]) -> None:
+    """Queue one model's hot calls of a batch of events as few requests (see `_Group`): consecutive calls
+    together up to --max-batch-size rows (a larger call alone), so that a group never holds more rows than
+    its calls would one by one, nor is refused by a queue that would have taken each of them."""
+    limit = batcher.max_batch_size
+    group, rows = _Group(), 0
+    for call, work in members:
+        n = work.x.shape[0]
+        if group.calls and rows + n > limit:
+            _submit(batcher, group)
+            group, rows = _Group(), 0
+        group.calls.append((call, n))
+        group.xs.append(work.x)
+        call.group = group
+        rows += n
+    _submit(batcher, group)
+
+
+def _submit(batcher: Batcher, group: _Group) -> None:
+    """Queue `group` (its calls' inputs concatenated); refused (QueueFull, ShuttingDown): each call fails."""
+    calls = group.calls
+    group.live = len(calls)
+    deadline: float | None = 0.0
+    for call, _ in calls:
+        deadline = None if deadline is None or call.deadline is None else max(deadline, call.deadline)
+    x = group.xs[0] if len(calls) == 1 else np.concatenate(group.xs)  # (rows of every call, ...): one copy
+    group.xs = []
+    try:
+        group.ticket = batcher.enqueue(x, group.done, deadline)
+    except Exception as e:  # noqa: BLE001  # QueueFull, ShuttingDown: every member gets it
+        for call, _ in calls:
+            call.front.calls.pop(call.call_id, None)
+            call.front.fail(call, e)
 
 
 class NativeFront:
@@ -238,6 +310,7 @@ class NativeFront:
     def _handle(self, events: list[Any]) -> None:
         """One batch of events: start every call (or refuse it), cancel what was cancelled."""
         calls, methods, now = self.calls, self._methods, time.monotonic()
+        hot: dict[Batcher, list[tuple[_NativeCall, Work]]] = {}
         for kind, call_id, method_id, payload, key in events:
             if kind != EVENT_CALL:  # a cancel: the client went away or the deadline passed
                 call = calls.pop(call_id, None)
@@ -263,7 +336,11 @@ class NativeFront:
                     work = m.batched(request, call.lease)
                     call.finish = work.finish
                     calls[call_id] = call
-                    call.ticket = work.batcher.enqueue(work.x, call.done, call.deadline)
+                    members = hot.get(work.batcher)
+                    if members is None:
+                        hot[work.batcher] = [(call, work)]
+                    else:
+                        members.append((call, work))
                 else:
                     calls[call_id] = call
                     call.task = asyncio.ensure_future(self._run(call, m, request))
@@ -271,6 +348,8 @@ class NativeFront:
                 calls.pop(call_id, None)
                 self.fail(call, e)
         del events, payload
+        for batcher, members in hot.items():
+            _enqueue(batcher, members)
 
 
     async def _run(self, call: _NativeCall, m: _Method, request: Any) -> None:

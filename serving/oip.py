@@ -217,24 +217,29 @@ class OipServicer:
         name = request.model_name
         oip = self.oip
         spec = oip.model(name, request.model_version)
-        t = request.inputs[0] if request.inputs else None
-        oip.check_input(name, spec, [i.name for i in request.inputs], t.datatype if t is not None else "")
+        inputs = request.inputs  # (each access to a protobuf field makes a Python object: read once)
+        t = inputs[0] if inputs else None
+        oip.check_input(name, spec, [t.name] if len(inputs) == 1 else [i.name for i in inputs],  # type: ignore[union-attr]
+                        t.datatype if t is not None else "")
         assert t is not None
-        raw = len(request.raw_input_contents) > 0
+        raw_contents = request.raw_input_contents
+        raw = len(raw_contents) > 0
         if raw:
             if t.HasField("contents"):
                 raise InvalidInput(f"inputs[{t.name!r}].contents",
                                    "no typed contents when raw_input_contents is used", "both", name)
-            if len(request.raw_input_contents) != 1:
+            if len(raw_contents) != 1:
                 raise InvalidInput("raw_input_contents", "one entry per input (1)",
-                                   f"{len(request.raw_input_contents)} entries", name)
-            data = request.raw_input_contents[0]
+                                   f"{len(raw_contents)} entries", name)
+            data = raw_contents[0]
         else:
             data = fp32_contents_bytes(t.contents)
             if data is None:
                 raise InvalidInput(f"inputs[{t.name!r}].contents", "fp32_contents only (datatype FP32)",
                                    "other typed contents", name)
-        work, wanted = oip.infer_work(name, spec, t.name, t.shape, data, [o.name for o in request.outputs], lease)
+        outputs = request.outputs
+        requested = [o.name for o in outputs] if outputs else []
+        work, wanted = oip.infer_work(name, spec, t.name, t.shape, data, requested, lease)
         serialize, rid, finish = self._response.serialize, request.id, work.finish
         return Work(work.batcher, work.x, lambda outs: serialize(name, rid, output_list(finish(outs), wanted), raw))
 
