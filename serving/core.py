@@ -91,6 +91,7 @@ class VaeCore:
         self.encoder, self.decoder = self.batchers["encoder"], self.batchers["decoder"]
         # Output positions by name, in the order the runners return them (the manifest's order).
         self._index = {role: {n: i for i, n in enumerate(g.output_names())} for role, g in self.graphs.items()}
+        self.output_index: dict[str, dict[str, int]] = self._index  # read-only for adapters
         enc, dec = self._index["encoder"], self._index["decoder"]
         self._i_mu, self._i_var, self._i_logvar = enc["mu"], enc["var"], enc["logvar"]
         self._i_mean, self._i_logits, self._i_xvar = dec["x_mean"], dec.get("logits"), dec.get("x_var")

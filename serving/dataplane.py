@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from serving import __version__
 from serving.budget import InflightBudget, Lease
 from serving.core import VaeCore, Work
@@ -86,11 +84,6 @@ class OipModels:
         arr = self.core.input_tensor(model, field, shape, data)
         wanted = self.outputs(model, spec, requested)
         return self.core.run_work(model, arr, requested or None, lease), wanted
-
-
-def output_list(results: dict[str, np.ndarray], wanted: list[str]) -> list[tuple[str, np.ndarray]]:
-    """The response tensors, in the order they are returned."""
-    return [(n, results[n]) for n in wanted]
 
 
 class DataPlane:

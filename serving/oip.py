@@ -27,7 +27,7 @@ import numpy as np
 from serving._proto.inference import grpc_service_pb2 as pb
 from serving.budget import Lease, current_lease
 from serving.core import Work
-from serving.dataplane import FP32, MODEL_VERSION, DataPlane, output_list
+from serving.dataplane import FP32, MODEL_VERSION, DataPlane
 from serving.errors import InvalidInput
 from serving.rpc import StreamCodec, deadline_of
 from serving.tensors import (
@@ -240,8 +240,9 @@ class OipServicer:
         outputs = request.outputs
         requested = [o.name for o in outputs] if outputs else []
         work, wanted = oip.infer_work(name, spec, t.name, t.shape, data, requested, lease)
-        serialize, rid, finish = self._response.serialize, request.id, work.finish
-        return Work(work.batcher, work.x, lambda outs: serialize(name, rid, output_list(finish(outs), wanted), raw))
+        serialize, rid, index = self._response.serialize, request.id, self.core.output_index[name]
+        # The runner's outputs (manifest order) straight into the answer, in the order asked for.
+        return Work(work.batcher, work.x, lambda outs: serialize(name, rid, [(n, outs[index[n]]) for n in wanted], raw))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
         answer: bytes = await self.infer_work(request, current_lease.get()).run(deadline_of(context))
