@@ -31,8 +31,11 @@ FRONTENDS = ("native", "grpcio")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module may narrow the front ends with `GRPC_FRONTENDS = (...)` (what it tests does not go through
+    the gRPC port), keeping `make test` within its time."""
     if "grpc_frontend" in metafunc.fixturenames:
-        metafunc.parametrize("grpc_frontend", FRONTENDS, indirect=True, scope="module")
+        frontends = getattr(metafunc.module, "GRPC_FRONTENDS", FRONTENDS)
+        metafunc.parametrize("grpc_frontend", frontends, indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,9 @@ from serving.manifest import Manifest
 from tests.helpers import unread_bytes, wait_until, x_batch, z_batch
 from tests.integration._server import REPO, ServerProcess, start_server
 
-pytestmark = pytest.mark.usefixtures("grpc_frontend")  # every test on both gRPC front ends
+pytestmark = pytest.mark.usefixtures("grpc_frontend")
+# The default front end only: the HTTP port: the same aiohttp server and data plane whichever front end serves gRPC.
+GRPC_FRONTENDS = ("native",)
 
 
 @pytest.fixture(scope="module")

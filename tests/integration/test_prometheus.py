@@ -35,11 +35,13 @@ POLL_S = 15.0
 T = TypeVar("T")
 
 pytestmark = [
-    pytest.mark.usefixtures("grpc_frontend"),  # both gRPC front ends
+    pytest.mark.usefixtures("grpc_frontend"),
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("prometheus") is None,
                        reason="prometheus missing: apt-get install prometheus (scripts/ensure_system_tools.sh)"),
 ]
+# The default front end only: Prometheus scraping /metrics on the HTTP port (both front ends fill the same metrics: test_server).
+GRPC_FRONTENDS = ("native",)
 
 
 def _poll(what: str, fn: Callable[[], T | None], timeout_s: float = POLL_S) -> T:
