@@ -1,6 +1,6 @@
 """Dynamic batching, one `Batcher` per model, counting rows, not requests.
 
-    submit(x (n, ...)) --queue (deque of requests, bounded in rows)--> runner loop --> one ORT run per batch
+    submit(x) / enqueue(x, done) --queue (requests, bounded in rows)--> runner --> one ORT run per batch
 
 - Idle runner: a request is handed to the runner thread at the end of the current event-loop pass
   (`call_soon`, microseconds; no timer), together with any others that became ready in that pass;
@@ -12,30 +12,26 @@
   event-loop pass at a time while the remaining wait is under a millisecond (asyncio timers are
   millisecond-grained), on a timer beyond that. Stopping at the first pass without an arrival would
   keep batches at ~2 rows on one core, where the event loop itself is the bottleneck.
-- Small batches on the CPU (at most `inline_rows` rows) run on the event loop itself: the hand-off to the
-  runner thread and back (a queue, a GIL exchange, a pipe wake-up) costs more than ONNX Runtime's run
-  of a few rows, and at C = 64 single-row requests that is most batches. Larger ones go to the runner
-  thread, so the event loop keeps receiving while they run. The results of an inline run are handled
-  one event-loop pass later, as the thread's would be, so arrivals of that pass join the next batch.
+- Small batches on the CPU (at most `inline_rows` rows; every batch with the native gRPC front end, which
+  receives outside the loop) run on the event loop itself: the hand-off to the runner thread and back
+  costs more than ONNX Runtime's run of a few rows. Larger ones go to the runner thread, so the loop keeps
+  receiving. An inline run's results are handled one pass later, so that pass's arrivals join the next.
 - A request larger than `max_batch_size` rows is split across consecutive batches and reassembled in
   order; a batch may end with the head of one request and start with the tail of another.
 - Back-pressure: more than `max_queue_rows` queued rows -> QueueFull at once, nothing queued.
-- A request whose deadline passed or whose caller went away (a cancelled `submit`, or `Ticket.cancel`) while it queued is
-  dropped when its turn comes, never computed.
+- A request whose deadline passed or whose caller went away (a cancelled `submit`, `Ticket.cancel`) while
+  it queued is dropped when its turn comes, never computed.
 
 The runner is anything with `name` and `run(x) -> list[np.ndarray]` (`serving.runtime.OrtRunner`, or a
 fake in tests); `run` executes on one dedicated thread per batcher, never on the event loop. The thread
-hands each finished batch back through a pipe the event loop watches (`add_reader`); the loop then
-delivers the results and dispatches the next batch right away, so there is no per-batch task, future
-chain or executor. (A pipe rather than `call_soon_threadsafe`: under uvloop the latter lost wake-ups
-here and left requests queued for seconds.)
+hands each finished batch back through a pipe the event loop watches (`add_reader`; `call_soon_threadsafe`
+lost wake-ups under uvloop here); the loop delivers the results and dispatches the next batch at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import queue
 import threading
@@ -48,15 +44,14 @@ import numpy as np
 
 from serving.errors import DeadlineExpired, InvalidInput, QueueFull, ShuttingDown
 from serving.metrics import ModelMetrics
+from serving.tensors import nonfinite_rows
 
 logger = logging.getLogger(__name__)
 
 Outputs = list[np.ndarray]
 
-# Below this remaining wait the gatherer yields event-loop passes instead of arming a timer.
-_TIMER_RESOLUTION_S = 1e-3
-# The batcher's clock (queue delay, queue wait, deadlines). Not `loop.time()`: uvloop's has 1 ms ticks,
-# which made a 500 us queue delay anything from 0 to 1 ms and queue-wait histograms read 0 or 1 ms.
+_TIMER_RESOLUTION_S = 1e-3  # below this remaining wait the gatherer yields loop passes, not a timer
+# The batcher's clock (queue delay, queue wait, deadlines); not `loop.time()`, whose uvloop ticks are 1 ms.
 _now = time.monotonic
 
 
@@ -68,8 +63,7 @@ class Runner(Protocol):
     def run(self, x: np.ndarray) -> Outputs: ...
 
 
-# What a request's submitter is told when it ends: its outputs (each (n, ...)), or the error it failed with.
-Done = Callable[[Outputs | BaseException], None]
+Done = Callable[[Outputs | BaseException], None]  # told a request's outputs (each (n, ...)) or its error
 
 
 class _Request:
@@ -386,7 +380,7 @@ class Batcher:
         failed with, the run's duration, and which rows came out non-finite."""
         try:
             outs, dt = self._compute(batch, rows)
-            return outs, dt, self._nonfinite_rows(outs)
+            return outs, dt, nonfinite_rows(outs)
         except Exception as e:  # noqa: BLE001  # the run failed: every request in this batch fails with it
             return e, 0.0, None
 
@@ -403,19 +397,3 @@ class Batcher:
             if o.shape[0] != rows:
                 raise RuntimeError(f"{self.name}: runner returned {o.shape[0]} rows for {rows}")
         return outs, dt
-
-    def _nonfinite_rows(self, outs: Outputs) -> np.ndarray | None:
-        """Rows of the batch where some output is NaN or Inf (extreme finite inputs can overflow the
-        model), or None when every output is finite: a finite sum of squares proves that at the cost of
-        one pass (a BLAS dot product, cheaper than `sum` on small batches; an overflow of large finite
-        values only sends the batch through the element-wise check)."""
-        for o in outs:
-            flat = o.reshape(-1)
-            if not math.isfinite(flat.dot(flat)):
-                break
-        else:
-            return None
-        bad = np.zeros(outs[0].shape[0], dtype=bool)
-        for o in outs:
-            bad |= ~np.isfinite(o.reshape(o.shape[0], -1)).all(axis=1)
-        return bad if bad.any() else None

@@ -10,10 +10,9 @@ Prometheus `/metrics`, served by aiohttp on the event loop the gRPC server runs 
     POST /v2/models/{model}[/versions/{v}]/infer     inference: JSON tensors, or the binary tensor extension
     GET  /metrics                                    Prometheus exposition (text format)
 
-`HEAD` is answered wherever `GET` is. Requests go through the same data plane as gRPC: `OipModels` (model,
-version, input and output checks), `VaeCore.input_tensor` (shape, size, finite values), the batchers,
-the bytes-in-flight budget and the metrics (`vae_requests_total{method="http/ModelInfer", code}` with
-the gRPC code of the answer, so one error-ratio rule covers both protocols). Errors are
+`HEAD` is answered wherever `GET` is. Requests go through the same data plane as gRPC (`serving.dataplane`:
+model, input and output checks, the batchers, the budget) and request wrapper (`serving.scope`; metrics
+`vae_requests_total{method="http/ModelInfer", code}` with the answer's gRPC code). Errors are
 `{"error": "..."}` with the status of `serving.errors.STATUS_TABLE` (400 bad request, 503 + Retry-After
 when full or draining, 504 deadline); this layer adds 404 (unknown path), 405 (method), 408 (body not
 sent within --http-read-timeout-s) and 413 (body over --max-message-bytes).
@@ -24,10 +23,9 @@ in input order, each input saying its size in `parameters.binary_data_size`. An 
 `parameters.binary_data: true` (or every output, with the request's `parameters.binary_data_output`)
 comes back the same way after the JSON response, which then carries `binary_data_size` for it.
 
-Deadlines: the request's `parameters.timeout` (microseconds, as tritonclient sends it) or the header
-`Timeout-Ms`; a request still queued when it passes gets 504. JSON bodies over `JSON_INLINE_BYTES` are
-parsed (and answers of over `JSON_INLINE_FLOATS` values written) in a worker process
-(`serving.jsoncodec`), so one big body does not hold up the loop.
+Deadlines: `parameters.timeout` (microseconds, as tritonclient sends it) or the header `Timeout-Ms`; a
+request still queued when it passes gets 504. JSON bodies over `JSON_INLINE_BYTES` are parsed (answers of
+over `JSON_INLINE_FLOATS` values written) in a worker process (`serving.jsoncodec`).
 A client gets --http-read-timeout-s to send a request's head (aiohttp's keep-alive timer, which also
 closes idle connections) and the same again for its body.
 """
@@ -36,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -51,7 +48,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from serving.budget import REQUEST_COPIES, current_lease
 from serving.dataplane import FP32, MODEL_VERSION, DataPlane
 from serving.errors import GRPC_BY_HTTP, InvalidInput, ResponseTooLarge, ShuttingDown, quote
-from serving.jsoncodec import JsonPool, Problem, encode_response, parse_request
+from serving.jsoncodec import JsonPool, Problem, encode_response, field, parse_request, shown, timeout_of
 from serving.scope import RequestScope
 from serving.tensors import F32
 
@@ -88,24 +85,6 @@ class HttpError(Exception):
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status,
                         content_type=JSON_TYPE, headers=headers)
-
-
-def _field(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str, expected: str,
-           model: str | None, default: Any = None, required: bool = False) -> Any:
-    """obj[key] checked against `typ` (bool is not an int here); InvalidInput naming `where`."""
-    if key not in obj:
-        if required:
-            raise InvalidInput(where, expected, "nothing", model)
-        return default
-    v = obj[key]
-    if not isinstance(v, typ) or (isinstance(v, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,))):
-        raise InvalidInput(where, expected, _shown(v), model)
-    return v
-
-
-def _shown(v: Any) -> str:
-    """A JSON value as an error message quotes it (cut short)."""
-    return quote(orjson.dumps(v).decode()[:400])
 
 
 class HttpServer:
@@ -333,19 +312,19 @@ class HttpServer:
         if isinstance(parsed, Problem):
             raise InvalidInput(parsed.field, parsed.expected, parsed.got, name)
         req = parsed
-        params = _field(req, "parameters", dict, "parameters", "an object", name, {})
-        inputs = _field(req, "inputs", list, "inputs", "a list of input tensors", name, required=True)
+        params = field(req, "parameters", dict, "parameters", "an object", name, {})
+        inputs = field(req, "inputs", list, "inputs", "a list of input tensors", name, required=True)
         if not all(isinstance(t, dict) for t in inputs):
             raise InvalidInput("inputs", "a list of objects (name, shape, datatype, data)", "other values", name)
         names = [str(t.get("name")) for t in inputs]
         want = oip.check_input(name, spec, names, str(inputs[0].get("datatype")) if inputs else "")
         t = inputs[0]
         where = f"inputs[{want.name!r}]"
-        shape = _field(t, "shape", list, where + ".shape", "a list of integers", name, required=True)
+        shape = field(t, "shape", list, where + ".shape", "a list of integers", name, required=True)
         if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise InvalidInput(where + ".shape", "a list of integers", _shown(shape), name)
-        tparams = _field(t, "parameters", dict, where + ".parameters", "an object", name, {})
-        binary_size = _field(tparams, "binary_data_size", int, where + ".parameters.binary_data_size",
+            raise InvalidInput(where + ".shape", "a list of integers", shown(shape), name)
+        tparams = field(t, "parameters", dict, where + ".parameters", "an object", name, {})
+        binary_size = field(tparams, "binary_data_size", int, where + ".parameters.binary_data_size",
                              "an integer (bytes)", name)
         binary = memoryview(body)[header_len:]
         if binary_size is not None:
@@ -367,39 +346,24 @@ class HttpServer:
                 raise InvalidInput(where + ".data", "the tensor's values as a list of numbers (or "
                                    "parameters.binary_data_size)", got, name)
             data = t["_data"]
-        outputs = _field(req, "outputs", list, "outputs", "a list of {name, parameters}", name, [])
+        outputs = field(req, "outputs", list, "outputs", "a list of {name, parameters}", name, [])
         if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
-            raise InvalidInput("outputs", "a list of objects with a name", _shown(outputs), name)
+            raise InvalidInput("outputs", "a list of objects with a name", shown(outputs), name)
         work, wanted = oip.infer_work(name, spec, where, shape, data, [o["name"] for o in outputs])
-        all_binary = _field(params, "binary_data_output", bool, "parameters.binary_data_output", "true or false",
+        all_binary = field(params, "binary_data_output", bool, "parameters.binary_data_output", "true or false",
                             name, False)
         as_binary = {n: all_binary for n in wanted}
         for o in outputs:
-            op = _field(o, "parameters", dict, f"outputs[{o['name']!r}].parameters", "an object", name, {})
-            as_binary[o["name"]] = _field(op, "binary_data", bool, f"outputs[{o['name']!r}].parameters.binary_data",
+            op = field(o, "parameters", dict, f"outputs[{o['name']!r}].parameters", "an object", name, {})
+            as_binary[o["name"]] = field(op, "binary_data", bool, f"outputs[{o['name']!r}].parameters.binary_data",
                                           "true or false", name, all_binary)
         del body, head, binary, data
         results = await work.run(self._deadline(request, params, name))
         return await self._answer(req, name, wanted, as_binary, results)
 
     def _deadline(self, request: web.BaseRequest, params: dict[str, Any], model: str) -> float | None:
-        timeout_s: float | None = None
-        t_us = _field(params, "timeout", (int, float), "parameters.timeout", "microseconds, a number > 0", model)
-        if t_us is not None:
-            timeout_s = float(t_us) * 1e-6
-        raw = request.headers.get(TIMEOUT_HEADER)
-        if raw is not None:
-            try:
-                timeout_s = float(raw) * 1e-3
-            except ValueError:
-                timeout_s = -1.0
-            if not (math.isfinite(timeout_s) and timeout_s > 0):
-                raise InvalidInput(TIMEOUT_HEADER, "milliseconds, a number > 0", quote(repr(raw)), model)
-        if timeout_s is None:
-            return None
-        if not (math.isfinite(timeout_s) and timeout_s > 0):
-            raise InvalidInput("parameters.timeout", "microseconds, a number > 0", repr(t_us), model)
-        return time.monotonic() + timeout_s  # the batcher's clock
+        timeout_s = timeout_of(params, request.headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER, model)
+        return None if timeout_s is None else time.monotonic() + timeout_s  # the batcher's clock
 
     async def _answer(self, req: dict[str, Any], model: str, wanted: list[str], as_binary: dict[str, bool],
                       results: dict[str, np.ndarray]) -> web.Response:

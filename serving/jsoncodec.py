@@ -11,6 +11,7 @@ caller raises as InvalidInput, so the messages are the same wherever the work ra
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+
+from serving.errors import InvalidInput, quote
 
 F32 = np.dtype("<f4")
 
@@ -93,3 +96,42 @@ class JsonPool:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def field(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str, expected: str,
+           model: str | None, default: Any = None, required: bool = False) -> Any:
+    """obj[key] checked against `typ` (bool is not an int here); InvalidInput naming `where`."""
+    if key not in obj:
+        if required:
+            raise InvalidInput(where, expected, "nothing", model)
+        return default
+    v = obj[key]
+    if not isinstance(v, typ) or (isinstance(v, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,))):
+        raise InvalidInput(where, expected, shown(v), model)
+    return v
+
+
+def shown(v: Any) -> str:
+    """A JSON value as an error message quotes it (cut short)."""
+    return quote(orjson.dumps(v).decode()[:400])
+
+
+def timeout_of(params: dict[str, Any], header: str | None, header_name: str, model: str) -> float | None:
+    """A REST infer request's timeout in seconds: the header (milliseconds) over `parameters.timeout`
+    (microseconds, as tritonclient sends it); None without either. InvalidInput for one that is not > 0."""
+    timeout_s: float | None = None
+    t_us = field(params, "timeout", (int, float), "parameters.timeout", "microseconds, a number > 0", model)
+    if t_us is not None:
+        timeout_s = float(t_us) * 1e-6
+    if header is not None:
+        try:
+            timeout_s = float(header) * 1e-3
+        except ValueError:
+            timeout_s = -1.0
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise InvalidInput(header_name, "milliseconds, a number > 0", quote(repr(header)), model)
+    if timeout_s is None:
+        return None
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise InvalidInput("parameters.timeout", "microseconds, a number > 0", repr(t_us), model)
+    return timeout_s
