@@ -1,0 +1,94 @@
+"""serving.native's per-batch pieces without a server: grpc-timeout headers, and how a batch's hot calls
+become batcher requests (groups of at most --max-batch-size rows, one deadline, cancelled when all left)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serving import native
+from serving.native import _enqueue, _Group, grpc_timeout_s
+
+
+@pytest.mark.parametrize(("header", "seconds"), [(b"100m", 0.1), (b"2S", 2.0), (b"1H", 3600.0), (b"1M", 60.0),
+                                                 (b"250u", 250e-6), (b"7n", 7e-9), (b"", 0.0), (b"12x", 0.0),
+                                                 (b"m", 0.0)])
+def test_a_grpc_timeout_header_reads_as_seconds_and_anything_unreadable_as_no_time_left(
+        header: bytes, seconds: float) -> None:
+    assert grpc_timeout_s(header) == pytest.approx(seconds)
+
+
+class FakeBatcher:
+    max_batch_size = 8
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[np.ndarray, Any, float | None]] = []
+        self.cancelled = 0
+
+    def enqueue(self, x: np.ndarray, done: Any, deadline: float | None) -> Any:
+        self.queued.append((x, done, deadline))
+        outer = self
+
+        class Ticket:
+            def cancel(self) -> None:
+                outer.cancelled += 1
+
+        return Ticket()
+
+
+class FakeCall:
+    def __init__(self, rows: int, deadline: float | None) -> None:
+        self.x = np.full((rows, 2), rows, dtype=np.float32)
+        self.deadline = deadline
+        self.group: _Group | None = None
+        self.ended = False
+        self.got: Any = None
+
+    def done(self, result: Any) -> None:
+        self.ended = True
+        self.got = result
+
+
+class FakeWork:
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+
+
+def test_hot_calls_share_requests_of_at_most_max_batch_size_rows_and_each_gets_its_own_rows() -> None:
+    b = FakeBatcher()
+    calls = [FakeCall(r, d) for r, d in ((3, 5.0), (4, 7.0), (2, 6.0), (20, None), (1, 1.0))]
+    _enqueue(b, [(c, FakeWork(c.x)) for c in calls])  # type: ignore[misc]
+    assert [x.shape[0] for x, _, _ in b.queued] == [7, 2, 20, 1]  # 3+4, then 2 (2+20 > 8), 20 alone, 1
+    assert [d for _, _, d in b.queued] == [7.0, 6.0, None, 1.0]    # the latest deadline of each group
+    for x, done, _ in b.queued:
+        done([x * 10])
+    for c in calls:
+        assert c.got[0].shape == (c.x.shape[0], 2)
+        np.testing.assert_array_equal(c.got[0], c.x * 10)
+
+
+def test_a_group_is_cancelled_only_when_every_call_in_it_has_gone_and_a_gone_call_gets_nothing() -> None:
+    b = FakeBatcher()
+    a, c = FakeCall(1, None), FakeCall(1, None)
+    _enqueue(b, [(a, FakeWork(a.x)), (c, FakeWork(c.x))])  # type: ignore[misc]
+    assert a.group is c.group is not None
+    a.ended = True
+    a.group.leave()
+    assert b.cancelled == 0
+    x, done, _ = b.queued[0]
+    done([x])
+    assert a.got is None and c.got is not None
+    c.group.leave()  # type: ignore[union-attr]
+    assert b.cancelled == 1
+
+
+def test_a_failed_run_fails_every_call_still_waiting() -> None:
+    b = FakeBatcher()
+    calls = [FakeCall(1, None) for _ in range(3)]
+    _enqueue(b, [(c, FakeWork(c.x)) for c in calls])  # type: ignore[misc]
+    err = RuntimeError("run failed")
+    b.queued[0][1](err)
+    assert all(c.got is err for c in calls)
+    assert native.MAX_EVENTS >= 1
