@@ -27,22 +27,12 @@ Content-Length before reading it, and counts chunked bodies as they arrive.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import logging
 from contextvars import ContextVar
 
 from serving.errors import MemoryBusy
 
-logger = logging.getLogger(__name__)
-
 REQUEST_COPIES = 3
 RESPONSE_COPIES = 3
-# glibc malloc serves allocations of at least this many bytes with their own mmap, given back to the system
-# when freed (`fix_mmap_threshold`). 1 MiB: above a whole batch's input (256 rows x 784 float32 = 800 KB),
-# so the batch path keeps reusing heap memory.
-MMAP_THRESHOLD_BYTES = 1 << 20
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
 class Lease:
@@ -82,34 +72,3 @@ class InflightBudget:
 
 # The lease of the RPC being handled: set by serving.rpc for the handler's task, read by the core.
 current_lease: ContextVar[Lease | None] = ContextVar("current_lease", default=None)
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _c_library() -> ctypes.CDLL | None:
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _libc = ctypes.CDLL(name) if name else None
-        except OSError:
-            _libc = None
-    return _libc
-
-
-def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Fix glibc's mmap threshold at `nbytes` (True if set; False off glibc).
-
-    By default glibc raises the threshold each time a large mmapped block is freed (up to 32 MiB), so
-    after one large request its successors come from the heap and stay in the resident set after they
-    are freed: a refused 40 MiB request left RSS 40 MB up for good. Fixed, a large request's bytes (the
-    native front end's copy included) go back to the system when it ends.
-    """
-    mallopt = getattr(_c_library(), "mallopt", None)
-    if mallopt is None:
-        return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
-    if not ok:
-        logger.debug("mallopt(M_MMAP_THRESHOLD, %d) refused", nbytes)
-    return ok

@@ -36,7 +36,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from serving import oip, servicer
-from serving.budget import InflightBudget, fix_mmap_threshold
+from serving.budget import InflightBudget
 from serving.config import ServeConfig, write_ready_file
 from serving.core import VaeCore
 from serving.dataplane import DataPlane
@@ -326,7 +326,6 @@ async def serve(config: ServeConfig, reuse_port: bool = False,
     # collector took ~4% of the server's CPU at C = 64 (perf), rescanning what start-up made each time.
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
-    fix_mmap_threshold()
     stop = asyncio.Event()
     received: list[signal.Signals] = []
     loop = asyncio.get_running_loop()

@@ -3,8 +3,8 @@ same run (issues 13 and 24).
 
     python -m benchmarks.references.bench --model-dir runs/bench/exported [--rounds 2] [--duration-s 4]
 
-Each system serves the same export pinned to CPU 0 (and two do-nothing servers, the grpc.aio and the
-4-thread sync floors, answer the same requests); the same load generator (`python -m loadgen`,
+Each system serves the same export pinned to CPU 0 (and a do-nothing grpc.aio server, the floor under
+any grpc.aio server, answers the same requests); the same load generator (`python -m loadgen`,
 Open Inference Protocol ModelInfer, raw FP32, every output returned) runs pinned to CPU 1. vae-serve runs
 twice: `vae-serve` is the default server (the native front end), `vae-serve grpcio` the same with
 `--grpc-frontend grpcio`; both also serve vae.v1 Encode and Decode at C=64 (issue 24's own-protocol
@@ -54,7 +54,7 @@ ROWS_MIN = 1.15                # C=8 B=64 rows/s: at least
 IDLE_PSS_MAX_MB = 120.0
 # Do-nothing servers (loadgen.null_server: answer every call with an empty message, parse nothing), run like
 # the systems: the floor under any server of that grpcio kind, for this client and these requests.
-FLOORS: dict[str, str] = {"floor grpc.aio": "aio-uvloop", "floor sync-4": "sync-4"}
+FLOORS: dict[str, str] = {"floor grpc.aio": "aio-uvloop"}
 
 
 def systems(model_dir: Path) -> dict[str, list[str]]:
