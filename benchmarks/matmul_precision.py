@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from training.config import BF16_MIN_PRODUCT_MACS
-from training.fit import float32_matmul_precision
+from training.epoch import float32_matmul_precision
 
 SHAPES = ((64, 256), (128, 256), (256, 256), (200, 400), (256, 512), (400, 400), (784, 100), (784, 200),
           (784, 400), (3072, 1000))

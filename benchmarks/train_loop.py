@@ -5,11 +5,11 @@
 All loops train MLP 784-400-20 (the example's model; `--data digits` gives 64-400-20) at batch 128 with
 the same number of torch threads (--threads, default 1); only the loop differs:
 
-A  training.fit.train_one_epoch with the defaults (`--backward auto`, here the hand-written step of
+A  training.epoch.train_one_epoch (what training.fit runs) with the defaults (`--backward auto`, here the hand-written step of
    training/mlp_step.py; `--matmul-precision auto`, on a CPU with AMX-BF16 the products from bfloat16
    operands): the split is one tensor in memory, each step's batch one `index_select` of its rows, the
    noise drawn for 32 steps at a time; the forward, the ELBO and the backward in plain tensor ops writing
-   into each `.grad`; the fused Adam kernel (training.fit.make_optimizer);
+   into each `.grad`; the fused Adam kernel (training.epoch.make_optimizer);
 A float32  the same with `--matmul-precision highest` (B's arithmetic: what the loop alone gains);
 A' the same loop with `--backward autograd`: one encoder Linear for (mu, logvar), BCE on logits, autograd;
 B  pytorch/examples vae/main.py's train() (benchmarks/train_recipes.py): DataLoader over a TensorDataset
@@ -45,7 +45,7 @@ from benchmarks.train_recipes import MNIST, ExampleVAE, example_train_epoch
 from training import distributed as D
 from training.config import TrainConfig
 from training.data import load_data
-from training.fit import float32_matmul_precision, make_optimizer, noise_generator, train_one_epoch
+from training.epoch import float32_matmul_precision, make_optimizer, noise_generator, train_one_epoch
 from training.model import VAE
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_loop.json"

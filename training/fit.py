@@ -45,13 +45,9 @@ from training.config import (
     TrainConfig,
 )
 from training.data import DataError
-
-# The library this entry point used to hold, still importable from here (benchmarks/ imports it).
-from training.epoch import float32_matmul_precision, make_optimizer, noise_generator, train_one_epoch
 from training.trainer import TrainingDiverged, fit
 
-__all__ = ["build_parser", "config_from_args", "fit", "float32_matmul_precision", "main", "make_optimizer",
-           "noise_generator", "train_one_epoch"]
+__all__ = ["build_parser", "config_from_args", "fit", "main"]
 
 logger = logging.getLogger(__name__)
 
