@@ -48,6 +48,7 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving.budget import InflightBudget, Lease, current_lease
 from serving.errors import InvalidInput, ResponseTooLarge, Status
@@ -306,3 +307,26 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, adapter: Ad
                    parser_of(adapter, method)))  # bytes in, bytes out
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Server reflection (grpc_reflection's servicer) whose requests are parsed here: a message that does
+    not parse ends the stream INVALID_ARGUMENT, as on every other method (grpcio would answer UNKNOWN and
+    log a traceback)."""
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    request_type = reflection_pb2.ServerReflectionRequest
+
+    async def info(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def parsed() -> Any:
+            async for data in requests:
+                try:
+                    yield parse_request(request_type.FromString, data, request_type.DESCRIPTOR.full_name)
+                except InvalidInput as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        async for response in servicer.ServerReflectionInfo(parsed(), context):
+            yield response
+
+    handler = grpc.stream_stream_rpc_method_handler(info, response_serializer=wire)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        reflection.SERVICE_NAME, {"ServerReflectionInfo": handler}),))

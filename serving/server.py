@@ -44,7 +44,7 @@ from serving.errors import NotFound, StartupError, quote
 from serving.http import HttpServer
 from serving.metrics import REFRESH_S, Metrics
 from serving.native import NativeFront
-from serving.rpc import Adapter, StreamCodec, add_service
+from serving.rpc import Adapter, StreamCodec, add_reflection, add_service
 from serving.runtime import load_model
 
 logger = logging.getLogger(__name__)
@@ -277,8 +277,7 @@ def _grpc_server(config: ServeConfig, plane: DataPlane, services: list[tuple[Ser
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
     for service, adapter in services:
         add_service(server, service, adapter, config.max_message_bytes, plane.budget, config.max_stream_inflight)
-    reflection.enable_server_reflection(
-        (*(service.full_name for service, _ in services), reflection.SERVICE_NAME), server)
+    add_reflection(server, (*(service.full_name for service, _ in services), reflection.SERVICE_NAME))
     return server
 
 

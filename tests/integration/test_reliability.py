@@ -179,6 +179,40 @@ def test_a_body_that_does_not_parse_is_invalid_argument_counted_and_not_logged_a
     assert "Traceback" not in server.log() and "DecodeError" not in server.log()
 
 
+def test_every_method_on_the_port_answers_a_body_that_does_not_parse_with_invalid_argument(
+        server: ServerProcess) -> None:
+    """Unary methods, probes and health, reflection and Health/Watch: INVALID_ARGUMENT; the bidirectional
+    streams of the two services answer the message with an error carrying the same code and stay open."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    body = b"\xff\xff\xff\x01"
+    services = [pb.DESCRIPTOR.services_by_name["VaeService"], oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+                health_pb2.DESCRIPTOR.services_by_name["Health"],
+                reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]]
+    seen = 0
+    with grpc.insecure_channel(server.target) as ch:
+        for service in services:
+            for m in service.methods:
+                path = f"/{service.full_name}/{m.name}"
+                seen += 1
+                try:
+                    if m.client_streaming:
+                        answers = list(ch.stream_stream(path)(iter([body]), timeout=10))
+                    elif m.server_streaming:
+                        answers = list(ch.unary_stream(path)(body, timeout=10))
+                    else:
+                        answers = [ch.unary_unary(path)(body, timeout=10)]
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, e.code(), e.details())
+                    continue
+                # A bidirectional stream of ours: one error answer, naming what did not parse.
+                assert service.full_name != reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name
+                assert m.client_streaming and len(answers) == 1, (path, answers)
+                assert b"request: expected a serialized" in answers[0], (path, answers)
+    assert seen >= 16
+    assert "Traceback" not in server.log() and "DecodeError" not in server.log()
+
+
 def test_long_inputs_are_cut_short_in_the_error_and_stay_invalid_argument(server: ServerProcess) -> None:
     with grpc.insecure_channel(server.target) as ch:
         oip = oip_grpc.GRPCInferenceServiceStub(ch)
