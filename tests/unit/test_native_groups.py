@@ -59,7 +59,7 @@ class FakeWork:
 def test_hot_calls_share_requests_of_at_most_max_batch_size_rows_and_each_gets_its_own_rows() -> None:
     b = FakeBatcher()
     calls = [FakeCall(r, d) for r, d in ((3, 5.0), (4, 7.0), (2, 6.0), (20, None), (1, 1.0))]
-    _enqueue(b, [(c, FakeWork(c.x)) for c in calls])  # type: ignore[misc]
+    _enqueue(b, [(c, FakeWork(c.x)) for c in calls])  # type: ignore[arg-type, misc, list-item]
     assert [x.shape[0] for x, _, _ in b.queued] == [7, 2, 20, 1]  # 3+4, then 2 (2+20 > 8), 20 alone, 1
     assert [d for _, _, d in b.queued] == [7.0, 6.0, None, 1.0]    # the latest deadline of each group
     for x, done, _ in b.queued:
@@ -72,22 +72,23 @@ def test_hot_calls_share_requests_of_at_most_max_batch_size_rows_and_each_gets_i
 def test_a_group_is_cancelled_only_when_every_call_in_it_has_gone_and_a_gone_call_gets_nothing() -> None:
     b = FakeBatcher()
     a, c = FakeCall(1, None), FakeCall(1, None)
-    _enqueue(b, [(a, FakeWork(a.x)), (c, FakeWork(c.x))])  # type: ignore[misc]
-    assert a.group is c.group is not None
+    _enqueue(b, [(a, FakeWork(a.x)), (c, FakeWork(c.x))])  # type: ignore[arg-type, misc, list-item]
+    group = a.group
+    assert group is not None and c.group is group
     a.ended = True
-    a.group.leave()
+    group.leave()
     assert b.cancelled == 0
     x, done, _ = b.queued[0]
     done([x])
     assert a.got is None and c.got is not None
-    c.group.leave()  # type: ignore[union-attr]
+    group.leave()
     assert b.cancelled == 1
 
 
 def test_a_failed_run_fails_every_call_still_waiting() -> None:
     b = FakeBatcher()
     calls = [FakeCall(1, None) for _ in range(3)]
-    _enqueue(b, [(c, FakeWork(c.x)) for c in calls])  # type: ignore[misc]
+    _enqueue(b, [(c, FakeWork(c.x)) for c in calls])  # type: ignore[arg-type, misc, list-item]
     err = RuntimeError("run failed")
     b.queued[0][1](err)
     assert all(c.got is err for c in calls)
