@@ -71,7 +71,8 @@ def _grpc_client(target: str, mix: _Mix, seed: int) -> None:
                 if time.monotonic() >= mix.end:
                     return
                 rows = rng.randint(1, 64)
-                bad, short = rng.random() < BAD_P, rng.random() < SHORT_P
+                bad = rng.random() < BAD_P
+                short = not bad and rng.random() < SHORT_P  # one fault at a time: its code is the expected one
                 width = mix.width + (1 if bad else 0)
                 x = np.random.default_rng(rng.getrandbits(32)).random((rows, width), dtype=np.float32)
                 timeout = 1e-4 if short else 10.0
