@@ -89,10 +89,10 @@ class VaeCore:
                                  metrics=metrics.models[runner.name], inline_rows=inline_rows)
             for runner in (model.encoder, model.decoder)}
         self.encoder, self.decoder = self.batchers["encoder"], self.batchers["decoder"]
-        # Output positions by name, in the order the runners return them (the manifest's order).
-        self._index = {role: {n: i for i, n in enumerate(g.output_names())} for role, g in self.graphs.items()}
-        self.output_index: dict[str, dict[str, int]] = self._index  # read-only for adapters
-        enc, dec = self._index["encoder"], self._index["decoder"]
+        # Output positions by name, in the order the runners return them (the manifest's order); adapters
+        # read it, nobody writes it.
+        self.output_index = {role: {n: i for i, n in enumerate(g.output_names())} for role, g in self.graphs.items()}
+        enc, dec = self.output_index["encoder"], self.output_index["decoder"]
         self._i_mu, self._i_var, self._i_logvar = enc["mu"], enc["var"], enc["logvar"]
         self._i_mean, self._i_logits, self._i_xvar = dec["x_mean"], dec.get("logits"), dec.get("x_var")
         # (model, outputs asked for) -> what run_work needs: input name, floats returned and made per row, and
@@ -167,7 +167,7 @@ class VaeCore:
         plan = self._run_plans.get(key)
         if plan is None:
             returned = self.floats_per_row(model, outputs)
-            index = self._index[model]
+            index = self.output_index[model]
             items = tuple((n, i) for n, i in index.items() if outputs is None or n in outputs)
             plan = self._run_plans[key] = (self.graphs[model].input.name, returned,
                                            self.floats_per_row(model) - returned, items)

@@ -12,8 +12,9 @@
     ├── TooManyRpcs              RESOURCE_EXHAUSTED: --max-concurrent-rpcs calls are in flight (native front)
     └── StartupError             not an RPC error: the server refuses to start (bad model, providers)
 
-Adapters (servicer.py, oip.py, http.py, native.py) never choose a status code themselves: `serving.rpc` calls
-`status_for` and `serving.http` calls `http_status_for`, which both apply `STATUS_TABLE` (the one table:
+Adapters (servicer.py, oip.py, http.py, native.py) never choose a status code themselves: the one request
+wrapper (`serving.scope.RequestScope.failed`, used by every front end) calls `http_status_for`, and
+`status_for` is its gRPC-only view; both apply `STATUS_TABLE` (the one table:
 each error's gRPC code, HTTP status and, for back-pressure, the Retry-After seconds; cancellation and
 deadlines are told apart by `status_for_cancelled`); anything not in the table is INTERNAL (HTTP 500)
 with a generic message and a logged traceback, and the server keeps serving. Messages quote request

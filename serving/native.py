@@ -52,7 +52,7 @@ from serving.batcher import Batcher, Outputs, Ticket
 from serving.budget import current_lease
 from serving.core import Work
 from serving.dataplane import DataPlane
-from serving.errors import STATUS_TABLE, RequestTooLarge, ShuttingDown, TooManyRpcs
+from serving.errors import RequestTooLarge, ShuttingDown, TooManyRpcs
 from serving.metrics import MethodMetrics
 from serving.rpc import Adapter, check_size, parse_request, parser_of, wire
 from serving.scope import RequestScope
@@ -120,12 +120,16 @@ class _NativeCall(RequestScope):
         front.native.respond(self.call_id, out)
         front.check_idle()
 
-    def abandon(self) -> None:
-        """The client went away or its deadline passed (the front has answered it): drop the work."""
+    def drop(self) -> None:
+        """Drop this call's work: its share of a queued group (dropped with the last member) or its task."""
         if self.group is not None:
             self.group.leave()
         if self.task is not None:
             self.task.cancel()
+
+    def abandon(self) -> None:
+        """The client went away or its deadline passed (the front has answered it): drop the work."""
+        self.drop()
         self.cancelled()
 
 
@@ -264,8 +268,8 @@ class NativeFront:
                                "them UNAVAILABLE", len(self.calls), grace_s)
         for call in list(self.calls.values()):
             self.calls.pop(call.call_id, None)
-            call.abandon()
-            self.native.fail(call.call_id, STATUS_TABLE[ShuttingDown].grpc.value[0], "the server stopped before answering")
+            call.drop()
+            self.fail(call, ShuttingDown("the server stopped before answering"))  # counted as sent: UNAVAILABLE
 
     async def close(self) -> None:
         """Close the port and stop the receiver (after `drain`)."""
