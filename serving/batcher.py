@@ -6,12 +6,15 @@
   (`call_soon`, microseconds; no timer), together with any others that became ready in that pass;
   batching adds no latency at low load.
 - Busy runner: arrivals accumulate in the queue while ONNX Runtime runs in the runner thread (it
-  releases the GIL, so the event loop keeps receiving). When the run ends, everything queued (up to
-  `max_batch_size` rows) becomes the next batch. If that batch is not full, it keeps gathering until
-  the batch is full or `max_queue_delay_us` has passed since the oldest queued request arrived: one
+  releases the GIL, so the event loop keeps receiving). When the run ends, what is queued becomes the
+  next batch: requests from the head until the batch has `preferred_batch_size` rows (Triton's term),
+  never more than `max_batch_size`. If the queue holds fewer than `preferred_batch_size` rows, it keeps
+  gathering until it does or `max_queue_delay_us` has passed since the oldest queued request arrived: one
   event-loop pass at a time while the remaining wait is under a millisecond (asyncio timers are
   millisecond-grained), on a timer beyond that. Stopping at the first pass without an arrival would
-  keep batches at ~2 rows on one core, where the event loop itself is the bottleneck.
+  keep batches at ~2 rows on one core, where the event loop itself is the bottleneck. Past the preferred
+  size neither waiting nor merging pays on the CPU: ONNX Runtime's cost per row is flat from ~32 rows
+  (benchmarks.ort_ceiling), while merging copies every row once more.
 - Small batches on the CPU (at most `inline_rows` rows; every batch with the native gRPC front end, which
   receives outside the loop) run on the event loop itself: the hand-off to the runner thread and back
   costs more than ONNX Runtime's run of a few rows. Larger ones go to the runner thread, so the loop keeps
@@ -114,14 +117,18 @@ class Batcher:
     """
 
     def __init__(self, runner: Runner, *, max_batch_size: int, max_queue_delay_us: int,
-                 max_queue_rows: int, metrics: ModelMetrics | None = None, inline_rows: int = 0) -> None:
-        if max_batch_size < 1 or max_queue_rows < 1 or max_queue_delay_us < 0 or inline_rows < 0:
+                 max_queue_rows: int, metrics: ModelMetrics | None = None, inline_rows: int = 0,
+                 preferred_batch_size: int = 0) -> None:
+        if max_batch_size < 1 or max_queue_rows < 1 or max_queue_delay_us < 0 or inline_rows < 0 \
+                or not 0 <= preferred_batch_size <= max_batch_size:
             raise ValueError("max_batch_size and max_queue_rows must be >= 1, max_queue_delay_us and "
-                             "inline_rows >= 0")
+                             "inline_rows >= 0, preferred_batch_size in [0, max_batch_size]")
         self.runner = runner
         self.name = runner.name
         self._input_name: str = getattr(runner, "input_name", "input")  # named in errors
         self.max_batch_size = max_batch_size
+        # A batch stops taking requests, and stops waiting for more, once it has this many rows (0: the max).
+        self.preferred_batch_size = preferred_batch_size or max_batch_size
         self.max_queue_rows = max_queue_rows
         self._delay_s = max_queue_delay_us * 1e-6
         self._inline_rows = inline_rows  # batches of at most this many rows run on the event loop
@@ -228,8 +235,8 @@ class Batcher:
             # so requests that became ready in the same pass share its run.
             self._busy = True
             loop.call_soon(self._dispatch)
-        elif self._gather_timer is not None and self._queued_rows >= self.max_batch_size:
-            self._gather_timer.cancel()  # the batch being gathered is full: run it now
+        elif self._gather_timer is not None and self._queued_rows >= self.preferred_batch_size:
+            self._gather_timer.cancel()  # the batch being gathered has its preferred size: run it now
             self._gather_timer = None
             loop.call_soon(self._dispatch)
         return Ticket(req)
@@ -263,7 +270,7 @@ class Batcher:
         self._gather_timer = None
         q = self._queue
         remaining = self._delay_s - (_now() - q[0].t_enqueue) if q else 0.0
-        if self._queued_rows >= self.max_batch_size or remaining <= 0:
+        if self._queued_rows >= self.preferred_batch_size or remaining <= 0:
             self._dispatch()
         elif remaining < _TIMER_RESOLUTION_S:
             loop.call_soon(self._gather_then_dispatch)  # one pass: receive whatever is ready, then look again
@@ -295,7 +302,7 @@ class Batcher:
                 self._m.batches.inc()
             self._deliver(batch, outs, bad)
         q = self._queue
-        if q and self._delay_s > 0 and self._queued_rows < self.max_batch_size:
+        if q and self._delay_s > 0 and self._queued_rows < self.preferred_batch_size:
             # A partial batch: requests answered just now are likely to send their next one; let
             # whatever is already arriving join, for one event-loop pass at a time.
             assert self._loop is not None
@@ -304,11 +311,12 @@ class Batcher:
             self._dispatch()
 
     def _take(self, now: float) -> tuple[list[_Slice], int]:
-        """Pop up to max_batch_size rows from the queue head, dropping expired and cancelled requests."""
+        """Pop requests from the queue head until the batch has preferred_batch_size rows (at most
+        max_batch_size: the last one may be split), dropping expired and cancelled requests."""
         batch: list[_Slice] = []
         rows = 0
         q, m = self._queue, self._m
-        while q and rows < self.max_batch_size:
+        while q and rows < self.preferred_batch_size:
             req = q[0]
             expired = req.deadline is not None and now >= req.deadline
             if expired or req.ended:

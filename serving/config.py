@@ -53,6 +53,7 @@ class ServeConfig:
     intra_op_threads: int = 1
     workers: int = 1
     max_batch_size: int = 256
+    preferred_batch_size: int = 0
     max_queue_delay_us: int = 500
     max_queue_rows: int = 16384
     max_sample_count: int = 4096
@@ -80,6 +81,8 @@ class ServeConfig:
             ("intra_op_threads", self.intra_op_threads >= 0, "an integer >= 0 (0 = ONNX Runtime default)"),
             ("workers", self.workers >= 0, "an integer >= 0 (0 = one per available CPU)"),
             ("max_batch_size", self.max_batch_size >= 1, "an integer >= 1 (rows)"),
+            ("preferred_batch_size", 0 <= self.preferred_batch_size <= self.max_batch_size,
+             f"an integer in [0, max_batch_size ({self.max_batch_size})] (0 = auto)"),
             ("max_queue_delay_us", self.max_queue_delay_us >= 0, "an integer >= 0"),
             ("max_queue_rows", self.max_queue_rows >= self.max_batch_size,
              f"an integer >= max_batch_size ({self.max_batch_size})"),
@@ -215,6 +218,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                           "batchers; 0 = one per available CPU. A connection stays on one worker: clients "
                           "spread load with several connections (see serving/workers.py)")
     add("--max-batch-size", int, "most rows in one ONNX Runtime run; larger requests are split")
+    add("--preferred-batch-size", int, "a batch stops taking requests and stops waiting for more once it has "
+        "this many rows (Triton's preferred_batch_size; 0 = 64 on the CPU, --max-batch-size on a GPU)")
     add("--max-queue-delay-us", int, "longest a queued row waits for a batch to fill once the runner is free")
     add("--max-queue-rows", int, "queued rows per model before RESOURCE_EXHAUSTED")
     add("--max-sample-count", int, "largest Sample count")

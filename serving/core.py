@@ -39,6 +39,9 @@ _ELBO_CHUNK_ROWS = 256
 # (the loop is not what receives them), and the hand-off cost more than it saved: 129 against 112 us of
 # server CPU per single-row ModelInfer at C = 64 (one core, same client, 2026-12-02).
 INLINE_ROWS_CPU = 8
+# --preferred-batch-size 0 on the CPU: batches stop growing here (see VaeCore.__init__). Measured
+# 2026-12-02 beside Triton, C=8 B=64: 64 gave 1.22x / 1.12x Triton's rows/s (encoder / decoder), 256 1.07x / 1.06x.
+CPU_PREFERRED_ROWS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +86,16 @@ class VaeCore:
         self.ready = False  # set by the server once both models are loaded, warmed up and serving
         inline_rows = (config.max_batch_size if config.frontend == "native" else INLINE_ROWS_CPU) \
             if model.providers == [CPU] else 0
+        # Past ~32 rows ONNX Runtime's cost per row on the CPU is flat (benchmarks.ort_ceiling), so there a
+        # batch stops growing at CPU_PREFERRED_ROWS: waiting and merging would only add latency and copies.
+        # A GPU's cost per row keeps falling with the batch: it fills batches to --max-batch-size.
+        preferred = config.preferred_batch_size or (
+            min(CPU_PREFERRED_ROWS, config.max_batch_size) if model.providers == [CPU] else config.max_batch_size)
         self.batchers = {
             runner.name: Batcher(runner, max_batch_size=config.max_batch_size,
                                  max_queue_delay_us=config.max_queue_delay_us, max_queue_rows=config.max_queue_rows,
-                                 metrics=metrics.models[runner.name], inline_rows=inline_rows)
+                                 metrics=metrics.models[runner.name], inline_rows=inline_rows,
+                                 preferred_batch_size=preferred)
             for runner in (model.encoder, model.decoder)}
         self.encoder, self.decoder = self.batchers["encoder"], self.batchers["decoder"]
         # Output positions by name, in the order the runners return them (the manifest's order); adapters
@@ -129,6 +138,11 @@ class VaeCore:
             raise InvalidInput(field, f"{4 * count} bytes of float32 for shape {_shape_str(shape)}",
                                f"{len(data)} bytes", model)
         flat = np.frombuffer(data, dtype=F32)
+        if not flat.flags.aligned:
+            # A view into a received message at an offset not a multiple of 4 (OIP raw contents): numpy
+            # handles unaligned data element by element, so the finite check below and every later copy
+            # would cost ~10x a memcpy (108 us against 9 us for 64 rows of 784); one memcpy aligns it.
+            flat = np.frombuffer(bytes(data), dtype=F32)
         arr = flat.reshape(shape)
         if not all_finite(flat):
             bad = int(np.argwhere(~np.isfinite(arr.reshape(shape[0], -1)))[0, 0])

@@ -171,13 +171,14 @@ class _Group:
 
 def _enqueue(batcher: Batcher, members: list[tuple[_NativeCall, Work]]) -> None:
     """Queue one model's hot calls of a batch of events as few requests (see `_Group`): consecutive calls
-    together up to --max-batch-size rows (a larger call alone), so that a group never holds more rows than
-    its calls would one by one, nor is refused by a queue that would have taken each of them."""
-    limit = batcher.max_batch_size
+    together until the group has --preferred-batch-size rows, never over --max-batch-size (a larger call
+    alone), so that a group never holds more rows than its calls would one by one, nor is refused by a
+    queue that would have taken each of them; past the preferred size, merging would only copy."""
+    limit, preferred = batcher.max_batch_size, batcher.preferred_batch_size
     group, rows = _Group(), 0
     for call, work in members:
         n = work.x.shape[0]
-        if group.calls and rows + n > limit:
+        if group.calls and (rows >= preferred or rows + n > limit):
             _submit(batcher, group)
             group, rows = _Group(), 0
         group.calls.append((call, n))

@@ -277,6 +277,32 @@ def test_a_batch_that_fills_while_gathering_runs_without_waiting_out_the_delay()
     assert [len(x) for x in runner.batches] == [1, 4]
 
 
+def test_a_batch_stops_at_the_preferred_size_and_runs_without_waiting_out_the_delay() -> None:
+    runner = FakeRunner()
+
+    async def body(b: Batcher) -> None:
+        loop = asyncio.get_running_loop()
+        first = await hold_runner_busy(b, runner)
+        queued = [asyncio.ensure_future(b.submit(rows(10 * i, n))) for i, n in enumerate((2, 3, 4, 1))]
+        await asyncio.sleep(0.005)
+        t0 = loop.time()
+        runner.gate.set()  # 10 rows queued: 2 + 3 reach the preferred 4, then 4; the last row waits its turn
+        await first
+        outs = await asyncio.gather(*queued[:3])
+        assert loop.time() - t0 < 1.0  # the batches of the preferred size did not wait out the 30 s delay
+        for i, (n, out) in enumerate(zip((2, 3, 4), outs)):
+            np.testing.assert_array_equal(out[0], rows(10 * i, n) * 2)
+        assert [len(x) for x in runner.batches] == [1, 5, 4]  # never more rows merged past the preferred size
+        queued[3].cancel()
+
+    run_with(runner, body, max_batch_size=8, preferred_batch_size=4, max_queue_delay_us=30_000_000)
+
+
+def test_a_preferred_size_over_the_max_is_refused() -> None:
+    with pytest.raises(ValueError, match="preferred_batch_size"):
+        Batcher(FakeRunner(), max_batch_size=4, max_queue_delay_us=0, max_queue_rows=8, preferred_batch_size=5)
+
+
 class ThreadRecordingRunner(FakeRunner):
     """A FakeRunner that records which thread ran each batch."""
 

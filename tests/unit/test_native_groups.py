@@ -22,6 +22,7 @@ def test_a_grpc_timeout_header_reads_as_seconds_and_anything_unreadable_as_no_ti
 
 class FakeBatcher:
     max_batch_size = 8
+    preferred_batch_size = 8
 
     def __init__(self) -> None:
         self.queued: list[tuple[np.ndarray, Any, float | None]] = []
@@ -67,6 +68,16 @@ def test_hot_calls_share_requests_of_at_most_max_batch_size_rows_and_each_gets_i
     for c in calls:
         assert c.got[0].shape == (c.x.shape[0], 2)
         np.testing.assert_array_equal(c.got[0], c.x * 10)
+
+
+def test_a_group_closes_at_the_preferred_size_so_large_calls_are_never_copied_together() -> None:
+    b = FakeBatcher()
+    b.preferred_batch_size = 4
+    calls = [FakeCall(r, None) for r in (1, 2, 1, 1, 5, 4, 2, 2)]
+    _enqueue(b, [(c, FakeWork(c.x)) for c in calls])  # type: ignore[arg-type, misc, list-item]
+    # 1+2+1 reaches 4: closed; 1 then 5 (1+5 <= 8): 6 >= 4, closed; 4 alone; 2+2.
+    assert [x.shape[0] for x, _, _ in b.queued] == [4, 6, 4, 4]
+    assert b.queued[2][0] is calls[5].x  # a call of the preferred size or more is queued as it came: no copy
 
 
 def test_a_group_is_cancelled_only_when_every_call_in_it_has_gone_and_a_gone_call_gets_nothing() -> None:
