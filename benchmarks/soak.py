@@ -30,7 +30,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks.harness import WORK, Server, log, serving_cmd
+from benchmarks.harness import REPO, WORK, Server, log, serving_cmd
+from loadgen.process import LocalServer
 from serving._proto.inference import grpc_service_pb2 as ipb
 from serving._proto.inference import grpc_service_pb2_grpc as igrpc
 from serving._proto.vae.v1 import vae_service_pb2 as pb
@@ -47,6 +48,24 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _rss_parts_mb(pid: int) -> dict[str, float]:
+    """Where the RSS lives: glibc's main heap ([heap], brk), other anonymous mappings (thread arenas,
+    large mmapped blocks, Rust and ONNX Runtime allocations) and files (code, models)."""
+    parts = {"heap": 0.0, "anon": 0.0, "file": 0.0}
+    where = "anon"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=6)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else ""
+            where = "heap" if name == "[heap]" else "file" if name.startswith("/") else "anon"
+        elif line.startswith("Rss:"):
+            parts[where] += int(head[1]) / 1024
+    # Processes the server started (serving.jsoncodec's worker for large JSON bodies): the pod pays for them too.
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    parts["children"] = sum(_rss_mb(int(k)) for k in kids if Path(f"/proc/{k}").exists())
+    return parts
 
 
 class _Mix:
@@ -131,10 +150,16 @@ def _unexpected(codes: Counter[tuple[str, str]]) -> int:
     return sum(n for (kind, code), n in codes.items() if code not in allowed[kind])
 
 
-def run(model_dir: Path, minutes: float, sample_s: float, flags: list[str]) -> dict[str, Any]:
+def run(model_dir: Path, minutes: float, sample_s: float, flags: list[str], trace_dir: Path | None = None,
+        name: str = "soak", unpinned: bool = False) -> dict[str, Any]:
     manifest = json.loads((model_dir / "model.json").read_text())
     width, latent = int(np.prod(manifest["example_shape"])), int(manifest["latent_dim"])
-    server = Server(serving_cmd(model_dir, flags), "soak")
+    cmd = serving_cmd(model_dir, flags)
+    if trace_dir is not None:  # tracemalloc snapshots every 5 minutes (benchmarks/soak_trace/sitecustomize.py)
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        here = Path(__file__).resolve().parent / "soak_trace"
+        cmd = ["env", f"PYTHONPATH={here}", f"VAE_SOAK_TRACE_DIR={trace_dir.resolve()}", *cmd]
+    server = LocalServer.start(cmd, WORK, name, cwd=REPO) if unpinned else Server(cmd, name)
     t0 = time.monotonic()
     mix = _Mix(width, latent, t0 + 60 * minutes)
     threads = [threading.Thread(target=_grpc_client, args=(server.target, mix, i), daemon=True)
@@ -144,9 +169,11 @@ def run(model_dir: Path, minutes: float, sample_s: float, flags: list[str]) -> d
     for t in threads:
         t.start()
     samples: list[tuple[float, float]] = []
+    parts: list[tuple[float, dict[str, float]]] = []
     try:
         while time.monotonic() < mix.end:
             samples.append(((time.monotonic() - t0) / 60, _rss_mb(server.pid)))
+            parts.append((samples[-1][0], _rss_parts_mb(server.pid)))
             m, rss = samples[-1]
             if len(samples) % max(1, int(60 / sample_s)) == 1:
                 total = sum(mix.codes.values())
@@ -165,7 +192,13 @@ def run(model_dir: Path, minutes: float, sample_s: float, flags: list[str]) -> d
     table = {m: at(m) for m in REPORT_MINUTES if m <= minutes}
     first, last = at(1), samples[-1][1] if samples else None
     half = at(minutes / 2)
+    def parts_at(minute: float) -> dict[str, float] | None:
+        near = [p for m, p in parts if abs(m - minute) <= sample_s / 60]
+        return None if not near else {k: float(np.median([p[k] for p in near])) for k in near[0]}
+
     return {"minutes": minutes, "flags": flags, "rss_mb_at_minute": table, "samples": samples,
+            "rss_parts_mb_at_minute": {m: parts_at(m) for m in table},
+            "answers_per_s": sum(mix.codes.values()) / (60 * minutes),
             "growth_mb_1_to_end": None if first is None or last is None else last - first,
             "growth_mb_second_half": None if half is None or last is None else last - half,
             "codes": {f"{k}/{c}": n for (k, c), n in sorted(mix.codes.items())},
@@ -177,13 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=60.0)
     p.add_argument("--sample-s", type=float, default=10.0)
     p.add_argument("--model-dir", type=Path, default=WORK / "exported")
+    p.add_argument("--tracemalloc-dir", type=Path, default=None,
+                   help="run the server under tracemalloc and dump a snapshot here every 5 minutes (slower; "
+                        "compare them with python -m benchmarks.soak_diff)")
+    p.add_argument("--name", default="soak", help="the server's ready and log files under runs/bench")
+    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON document here")
+    p.add_argument("--unpinned", action="store_true",
+                   help="do not pin the server to CPU 0 (soaks run side by side share both CPUs)")
     p.add_argument("flags", nargs="*", help="server flags after --, e.g. -- --grpc-frontend grpcio")
     args = p.parse_args(argv)
-    res = run(args.model_dir, args.minutes, args.sample_s, args.flags)
+    res = run(args.model_dir, args.minutes, args.sample_s, args.flags, args.tracemalloc_dir, args.name, args.unpinned)
     rows = " | ".join(f"{v:.0f}" if v is not None else "-" for v in res["rss_mb_at_minute"].values())
     print("| minute | " + " | ".join(str(m) for m in res["rss_mb_at_minute"]) + " |")
     print("| RSS MB | " + rows + " |")
-    print(json.dumps({k: v for k, v in res.items() if k != "samples"}))
+    doc = json.dumps({k: v for k, v in res.items() if k != "samples"})
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(res) + "\n")
+    print(doc)
     return 0 if res["unexpected"] == 0 and res["exit_code"] == 0 else 1
 
 

@@ -108,6 +108,7 @@ class _NativeCall(RequestScope):
         """The batcher's answer (event loop): write the response, or the error's status."""
         front = self.front
         front.calls.pop(self.call_id, None)
+        self.group = None  # call <-> group is a reference cycle: broken here, the rows go with refcounting
         try:
             if isinstance(result, BaseException):
                 raise result
@@ -124,8 +125,10 @@ class _NativeCall(RequestScope):
         """Drop this call's work: its share of a queued group (dropped with the last member) or its task."""
         if self.group is not None:
             self.group.leave()
+            self.group = None
         if self.task is not None:
             self.task.cancel()
+            self.task = None
 
     def abandon(self) -> None:
         """The client went away or its deadline passed (the front has answered it): drop the work."""
@@ -154,15 +157,25 @@ class _Group:
         self.live -= 1
         if self.live == 0 and self.ticket is not None:
             self.ticket.cancel()
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the calls and the queued request: group -> calls -> group and group -> ticket -> request
+        -> `done` -> group are reference cycles, which would keep every input array alive until the
+        cyclic garbage collector runs (rarely: serving.server raises its threshold)."""
+        self.calls = []
+        self.ticket = None
 
     def done(self, result: Outputs | BaseException) -> None:
+        calls = self.calls
+        self._release()
         if isinstance(result, BaseException):
-            for call, _ in self.calls:
+            for call, _ in calls:
                 if not call.ended:
                     call.done(result)
             return
         start = 0
-        for call, rows in self.calls:
+        for call, rows in calls:
             end = start + rows
             if not call.ended:
                 call.done([o[start:end] for o in result])
@@ -200,6 +213,7 @@ def _submit(batcher: Batcher, group: _Group) -> None:
     try:
         group.ticket = batcher.enqueue(x, group.done, deadline)
     except Exception as e:  # noqa: BLE001  # QueueFull, ShuttingDown: every member gets it
+        group._release()
         for call, _ in calls:
             call.front.calls.pop(call.call_id, None)
             call.front.fail(call, e)
@@ -368,6 +382,8 @@ class NativeFront:
             self.calls.pop(call.call_id, None)
             self.fail(call, e)
             return
+        finally:
+            call.task = None  # call -> task -> this coroutine -> call: a cycle, broken here
         self.calls.pop(call.call_id, None)
         call.ok()
         self.native.respond(call.call_id, out)

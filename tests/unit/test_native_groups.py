@@ -92,6 +92,13 @@ def test_a_group_is_cancelled_only_when_every_call_in_it_has_gone_and_a_gone_cal
     x, done, _ = b.queued[0]
     done([x])
     assert a.got is None and c.got is not None
+
+    d, e = FakeCall(1, None), FakeCall(1, None)
+    _enqueue(b, [(d, FakeWork(d.x)), (e, FakeWork(e.x))])  # type: ignore[arg-type, misc, list-item]
+    group = d.group
+    assert group is not None
+    group.leave()
+    assert b.cancelled == 0
     group.leave()
     assert b.cancelled == 1
 
@@ -104,3 +111,90 @@ def test_a_failed_run_fails_every_call_still_waiting() -> None:
     b.queued[0][1](err)
     assert all(c.got is err for c in calls)
     assert native.MAX_EVENTS >= 1
+
+
+class _Runner:
+    name = "encoder"
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        return [x * 2]
+
+
+class _Native:
+    def __init__(self) -> None:
+        self.answered: list[int] = []
+
+    def respond(self, call_id: int, data: bytes) -> bool:
+        self.answered.append(call_id)
+        return True
+
+    def fail(self, call_id: int, code: int, message: str) -> bool:
+        self.answered.append(call_id)
+        return True
+
+
+class _Front:
+    """What a _NativeCall touches of its NativeFront."""
+
+    def __init__(self) -> None:
+        from serving.budget import InflightBudget
+        from serving.metrics import Metrics
+
+        self.metrics = Metrics()
+        self.plane = type("Plane", (), {"budget": InflightBudget(0)})()
+        self.calls: dict[int, Any] = {}
+        self.native = _Native()
+        self.max_message_bytes = 1 << 20
+
+    def check_idle(self) -> None:
+        pass
+
+    def fail(self, call: Any, exc: BaseException) -> None:
+        call.failed(exc, self.metrics)
+        self.native.fail(call.call_id, 1, str(exc))
+
+
+@pytest.mark.parametrize("abandon", [False, True])
+def test_a_finished_or_abandoned_calls_rows_are_freed_without_the_cyclic_garbage_collector(abandon: bool) -> None:
+    """The calls of a group, the group and its queued request refer to each other; once the calls end, their
+    input arrays must go by reference counting alone (the server runs the cyclic collector rarely, and a
+    soak held tens of MB of finished requests' rows until it did)."""
+    import asyncio
+    import gc
+    import weakref
+
+    from serving.batcher import Batcher
+    from serving.core import Work
+    from serving.native import _NativeCall
+
+    async def main() -> list[weakref.ref[np.ndarray]]:
+        front = _Front()
+        batcher = Batcher(_Runner(), max_batch_size=8, max_queue_delay_us=0, max_queue_rows=64, inline_rows=8)
+        batcher.start()
+        mm = front.metrics.method_metrics("ModelInfer")
+        refs = []
+        members = []
+        for i in range(3):
+            x = np.full((8, 3), i, dtype=np.float32)  # a whole group: queued as it is, not copied
+            refs.append(weakref.ref(x))
+            call = _NativeCall(front, mm, None, i)  # type: ignore[arg-type]
+            call.finish = lambda outs: b"answer"
+            front.calls[i] = call
+            members.append((call, Work(batcher, x, call.finish)))
+            del x, call
+        _enqueue(batcher, members)
+        if abandon:  # every caller went away before the run: the group's request is dropped, never computed
+            for call, _ in members:
+                front.calls.pop(call.call_id).abandon()
+        del members
+        await asyncio.sleep(0.01)
+        assert front.native.answered == ([] if abandon else [0, 1, 2])
+        await batcher.close()
+        return refs
+
+    gc.disable()
+    try:
+        refs = asyncio.run(main())
+        assert [r() is None for r in refs] == [True] * 3
+    finally:
+        gc.enable()
