@@ -20,7 +20,7 @@ import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -163,6 +163,9 @@ class Metrics:
         self.multiprocess = multiprocess()
         self.tallies: list[MethodMetrics] = []
         self.registry.register(_Flush(self))
+        # process_resident_memory_bytes and friends (deploy/prometheus/rules.yml's VaeServeMemoryClimb): this
+        # process's own; under --workers, those of the worker that answers the scrape.
+        ProcessCollector(registry=self.registry)
         self._live: list[tuple[Gauge, Callable[[], float]]] = []
         r, ns = self.registry, "vae"
         # multiprocess_mode: how each gauge's per-worker values combine (ignored in a single process)
@@ -224,6 +227,7 @@ class Metrics:
             return self.registry
         r = CollectorRegistry()
         MultiProcessCollector(r)
+        ProcessCollector(registry=r)
         return r
 
     def method_metrics(self, method: str, stream: bool = False) -> MethodMetrics:
