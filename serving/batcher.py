@@ -209,6 +209,12 @@ class Batcher:
         except asyncio.CancelledError:
             ticket.cancel()
             raise
+        except BaseException:
+            # The error raised here (DeadlineExpired, ...) is also the future's, and its traceback holds this
+            # frame, which holds the future: a cycle that would keep x, and every caller's frame and rows,
+            # until the cyclic collector runs. Letting go of the future breaks it.
+            fut = None  # type: ignore[assignment]
+            raise
 
     def enqueue(self, x: np.ndarray, done: Done, deadline: float | None = None) -> Ticket:
         """Queue x (n, ...); `done(outputs or error)` is called once, on the event loop, when it ends.

@@ -109,9 +109,13 @@ class _NativeCall(RequestScope):
         front = self.front
         front.calls.pop(self.call_id, None)
         self.group = None  # call <-> group is a reference cycle: broken here, the rows go with refcounting
+        if isinstance(result, BaseException):
+            # Not raised here: a raised exception's traceback holds this frame, which holds the exception
+            # (a cycle), and with it every frame up to the batcher's, each holding requests' rows, until
+            # the cyclic collector runs.
+            front.fail(self, result)
+            return
         try:
-            if isinstance(result, BaseException):
-                raise result
             assert self.finish is not None
             out = check_size(wire(self.finish(result)), front.max_message_bytes)
         except Exception as e:  # noqa: BLE001  # every error becomes its status (INTERNAL if unexpected, logged)

@@ -196,6 +196,32 @@ def test_a_cancelled_request_is_dropped_before_compute() -> None:
 
 
 
+def test_a_request_that_fails_is_freed_without_the_cyclic_garbage_collector() -> None:
+    """The error `submit` raises is also its future's; the future must not keep the frame (and x) alive."""
+    import gc
+    import weakref
+
+    runner = FakeRunner()
+    gc.disable()
+    try:
+        async def body(b: Batcher) -> None:
+            first = await hold_runner_busy(b, runner)
+            x = rows(0, 2)
+            ref = weakref.ref(x)
+            task = asyncio.ensure_future(b.submit(x, deadline=0.0))  # expired before its turn
+            del x
+            runner.gate.set()
+            await first
+            with pytest.raises(DeadlineExpired):
+                await task
+            del task
+            assert ref() is None
+
+        run_with(runner, body)
+    finally:
+        gc.enable()
+
+
 def test_closing_fails_queued_requests_with_shutting_down() -> None:
     runner = FakeRunner()
 

@@ -154,8 +154,8 @@ class _Front:
         self.native.fail(call.call_id, 1, str(exc))
 
 
-@pytest.mark.parametrize("abandon", [False, True])
-def test_a_finished_or_abandoned_calls_rows_are_freed_without_the_cyclic_garbage_collector(abandon: bool) -> None:
+@pytest.mark.parametrize("how", ["answered", "abandoned", "expired"])
+def test_a_finished_or_abandoned_calls_rows_are_freed_without_the_cyclic_garbage_collector(how: str) -> None:
     """The calls of a group, the group and its queued request refer to each other; once the calls end, their
     input arrays must go by reference counting alone (the server runs the cyclic collector rarely, and a
     soak held tens of MB of finished requests' rows until it did)."""
@@ -177,18 +177,19 @@ def test_a_finished_or_abandoned_calls_rows_are_freed_without_the_cyclic_garbage
         for i in range(3):
             x = np.full((8, 3), i, dtype=np.float32)  # a whole group: queued as it is, not copied
             refs.append(weakref.ref(x))
-            call = _NativeCall(front, mm, None, i)  # type: ignore[arg-type]
+            # "expired": a deadline already past, so the batcher fails the group with DeadlineExpired
+            call = _NativeCall(front, mm, 0.0 if how == "expired" else None, i)  # type: ignore[arg-type]
             call.finish = lambda outs: b"answer"
             front.calls[i] = call
             members.append((call, Work(batcher, x, call.finish)))
             del x, call
         _enqueue(batcher, members)
-        if abandon:  # every caller went away before the run: the group's request is dropped, never computed
+        if how == "abandoned":  # every caller went away before the run: the request is dropped, never computed
             for call, _ in members:
                 front.calls.pop(call.call_id).abandon()
         del members
         await asyncio.sleep(0.01)
-        assert front.native.answered == ([] if abandon else [0, 1, 2])
+        assert front.native.answered == ([] if how == "abandoned" else [0, 1, 2])
         await batcher.close()
         return refs
 
