@@ -9,7 +9,7 @@ copy of any of it.
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Iterable
 from typing import Any
 
 from serving import __version__
@@ -100,26 +100,32 @@ class OipModels:
 
     # -- the repository extension (index, load, unload), on only with --model-control explicit ---------
 
-    def _repository_call(self, what: str, repository_name: str, parameters: Sized = ()) -> None:
+    def _repository_call(self, what: str, repository_name: str, parameters: Iterable[str] = (),
+                         allowed: tuple[str, ...] = ()) -> None:
         if not self.explicit:
             raise ExtensionOff(f"{what}: the model repository extension is off; the server runs with "
                                f"--model-control {self.repo.config.model_control} (explicit turns it on)")
         if repository_name:
             raise InvalidInput("repository_name", "'' (the server has one repository)", repr(repository_name))
-        if len(parameters):
-            raise InvalidInput("parameters", "none (no config or file overrides)", f"{len(parameters)} parameters")
+        unknown = sorted(p for p in parameters if p not in allowed)
+        if unknown:
+            raise InvalidInput("parameters", f"only {list(allowed)} (no config or file overrides: a version is "
+                               "what its directory holds)" if allowed else "none (no config or file overrides: "
+                               "a version is what its directory holds)", quote(str(unknown)))
 
     def repository_index(self, repository_name: str, ready: bool) -> list[dict[str, str]]:
         """Triton's RepositoryIndex: {name, version, state, reason} per model version."""
         self._repository_call("RepositoryIndex", repository_name)
         return self.repo.index(ready_only=ready)
 
-    async def load(self, repository_name: str, model_name: str, parameters: Sized = ()) -> None:
+    async def load(self, repository_name: str, model_name: str, parameters: Iterable[str] = ()) -> None:
+        """Triton's RepositoryModelLoad: (re)load the versions the policy picks (`Repository.load`)."""
         self._repository_call("RepositoryModelLoad", repository_name, parameters)
         await self.repo.load(check_model_name(model_name))
 
-    async def unload(self, repository_name: str, model_name: str, parameters: Sized = ()) -> None:
-        self._repository_call("RepositoryModelUnload", repository_name, parameters)
+    async def unload(self, repository_name: str, model_name: str, parameters: Iterable[str] = ()) -> None:
+        """Triton's RepositoryModelUnload (tritonclient sends `unload_dependents`: there are none here)."""
+        self._repository_call("RepositoryModelUnload", repository_name, parameters, ("unload_dependents",))
         await self.repo.unload(check_model_name(model_name))
 
 

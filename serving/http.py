@@ -262,6 +262,8 @@ class HttpServer:
     # -- the repository extension (on only with --model-control explicit; else 404 saying so) ----------
 
     async def _repository_body(self, request: web.BaseRequest) -> dict[str, Any]:
+        if not request.can_read_body:  # tritonclient's index request has an empty body
+            return {}
         body = await self._read_body(request, REQUEST_COPIES)
         if not body.strip():
             return {}

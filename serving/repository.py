@@ -29,9 +29,12 @@ must load (else the server refuses to start, as with a bad `--model-dir`).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ from serving.budget import Lease, current_lease
 from serving.config import ServeConfig
 from serving.core import VaeCore
 from serving.errors import InvalidInput, ModelLoadError, ModelNotFound, StartupError, quote
-from serving.layout import LayoutError, VersionPolicy, oip_name, split_oip_name
+from serving.layout import GRAPH_SEPARATOR, LayoutError, VersionPolicy, oip_name, split_oip_name
 from serving.metrics import Metrics, ModelMetrics
 from serving.runtime import LoadedModel, load_model
 
@@ -75,6 +78,22 @@ class ModelVersion:
         return version == self.label or version == self.core.manifest.version
 
 
+def _libc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return trim  # type: ignore[no-any-return]
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def _trim_heap() -> None:
+    """Give the heap pages an unloaded version freed back to the system (glibc keeps them otherwise, and
+    RSS would stay at its highest: old + new versions for good)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class Repository:
     """The routing table and its changes (see the module docstring)."""
 
@@ -91,13 +110,16 @@ class Repository:
         self._lock = asyncio.Lock()  # one model changes at a time: memory is old + new at most
         self._retiring: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
+        # Every load on one thread: its allocations come from one malloc arena, which the next load reuses
+        # once the old version is freed (loads on changing threads would grow RSS by a version per swap).
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
 
     # -- start and stop -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load what the control mode loads at start-up; StartupError if a model cannot be served."""
         if self.legacy:
-            model = await asyncio.to_thread(self._load_model, self.config.model_dir)
+            model = await self._load_on_loader(self.config.model_dir)
             name = model.manifest.name
             self._set({name: {LEGACY_VERSION: self._open(name, LEGACY_VERSION, self.config.model_dir, model)}})
             self.metrics.model_loads.labels(name).inc()
@@ -124,6 +146,7 @@ class Repository:
         for versions in self.models.values():
             for v in versions.values():
                 await v.core.close()
+        self._loader.shutdown(wait=False)
 
     # -- resolving requests -------------------------------------------------------------------------
 
@@ -143,8 +166,9 @@ class Repository:
         versions = self._only() if vae is None else self.models.get(vae)
         if versions is None or (versions and graph not in next(iter(versions.values())).core.graphs):
             names = self.oip_names()
-            if self.legacy:  # what a one-model server has always answered
-                raise InvalidInput("model_name", f"one of {sorted(names)}", repr(name))
+            if self.legacy:  # what a one-model server has always answered: its graphs' names
+                graphs = [n for n in names if GRAPH_SEPARATOR not in n]
+                raise InvalidInput("model_name", f"one of {sorted(graphs)}", repr(name))
             raise ModelNotFound(f"model_name: expected one of {sorted(names)}, got {quote(repr(name))}")
         if self.legacy and version not in ("", *(s for v in versions.values() for s in (v.label, v.core.manifest.version))):
             v1 = versions[LEGACY_VERSION]
@@ -267,7 +291,7 @@ class Repository:
             for v in missing:
                 path = on_disk[v]
                 try:
-                    model = await asyncio.to_thread(self._load_model, path)
+                    model = await self._load_on_loader(path)
                 except StartupError as e:
                     self._refuse(name, v, path, str(e))
                     reasons.append(f"version {v}: {e}")
@@ -301,10 +325,11 @@ class Repository:
             logger.info("model %s version %d: routed to (%s)", name, mv.version, mv.path)
         await asyncio.gather(*(self._retire(v) for v in gone))
 
-    def _load_model(self, path: Path) -> LoadedModel:
-        """Verify, open and warm up one export (a thread: blocking ONNX Runtime work)."""
+    async def _load_on_loader(self, path: Path) -> LoadedModel:
+        """Verify, open and warm up one export on the loader thread (blocking ONNX Runtime work)."""
         c = self.config
-        return load_model(path, c.providers, c.intra_op_threads, c.max_batch_size)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._loader, load_model, path, c.providers, c.intra_op_threads, c.max_batch_size)
 
     def _open(self, name: str, version: int, path: Path, model: LoadedModel) -> ModelVersion:
         """A verified, warm export -> a ModelVersion with its batchers started (event loop)."""
@@ -340,6 +365,7 @@ class Repository:
                            "(their queued work fails UNAVAILABLE)", v.name, v.version, v.users,
                            c.grace_period_s + c.http_read_timeout_s)
         await v.core.unload()
+        _trim_heap()
         if not self.legacy:
             for mm in v.graph_metrics.values():
                 self.metrics.drop_model(mm)
