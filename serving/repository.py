@@ -108,7 +108,6 @@ class Repository:
         self.on_change: list[Callable[[], None]] = []  # told after each change of the table (health)
         self._refused: dict[tuple[str, int], tuple[tuple[str, int, int], ...]] = {}  # -> fingerprint refused
         self._lock = asyncio.Lock()  # one model changes at a time: memory is old + new at most
-        self._retiring: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         # Every load on one thread: its allocations come from one malloc arena, which the next load reuses
         # once the old version is freed (loads on changing threads would grow RSS by a version per swap).
@@ -138,14 +137,14 @@ class Repository:
             self._poller = asyncio.ensure_future(self._poll())
 
     async def close(self) -> None:
-        """Stop polling; stop every version's batchers (after the server's own drain)."""
-        if self._poller is not None:
-            self._poller.cancel()
-        for task in list(self._retiring):
-            task.cancel()
-        for versions in self.models.values():
-            for v in versions.values():
-                await v.core.close()
+        """Stop polling; stop every version's batchers (after the server's own drain). A change in progress
+        (a load, or a retired version's last requests, which the drain has ended) finishes first."""
+        async with self._lock:
+            if self._poller is not None:
+                self._poller.cancel()
+            for versions in self.models.values():
+                for v in versions.values():
+                    await v.core.close()
         self._loader.shutdown(wait=False)
 
     # -- resolving requests -------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
 from serving.tensors import to_tensor
 from tests.conftest import REPO
-from tests.helpers import wait_until
 from tests.integration._server import ServerProcess, start_server
 from tests.tiny_export import EXAMPLE_DIM, _weights, publish_version
 
