@@ -132,7 +132,11 @@ class Repository:
             wanted = [n.strip() for n in self.config.load_model.split(",") if n.strip()]
             names = names if "*" in wanted else wanted
         for name in names:
-            await self.load(name, startup=True)
+            try:
+                await self.load(name, startup=True)
+            except (ModelNotFound, ModelLoadError, LayoutError) as e:
+                raise StartupError(f"{'load-model' if self.config.model_control == 'explicit' else 'model-repository'}"
+                                   f": {e}") from None
         if self.config.model_control == "poll":
             self._poller = asyncio.ensure_future(self._poll())
 

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving._proto.inference import grpc_service_pb2 as oip_pb
 from serving._proto.inference import grpc_service_pb2_grpc as oip_grpc
@@ -291,5 +294,68 @@ def test_tritonclient_repository_calls_index_load_and_unload_over_grpc_and_http(
             assert got[kind]["index"][0] == ["m", "1", "READY"], got
             assert got[kind]["ready_unloaded"] is False and got[kind]["ready"] is True and got[kind]["other"] is True
         assert _value(server, "vae_model_unloads_total", name="other") == 2
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _encode_mu(stub: pb_grpc.VaeServiceStub, **names: str) -> float:
+    r = stub.Encode(pb.EncodeRequest(x=to_tensor(ZERO), **names), timeout=10)
+    return float(np.frombuffer(r.mu.data, np.float32)[0])
+
+
+@pytest.mark.usefixtures("grpc_frontend")
+def test_models_and_versions_are_named_on_both_services_and_unknown_ones_are_not_found_naming_what_exists(
+        tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    publish_version(repo, "a", 1)
+    publish_version(repo, "a", 2)
+    publish_version(repo, "b", 1, offset=7)
+    server = _start(repo, tmp_path, "--version-policy", "all")
+    infer = oip_pb.ModelInferRequest(raw_input_contents=[ZERO.tobytes()], inputs=[
+        oip_pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, EXAMPLE_DIM])])
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            oip, vae = oip_grpc.GRPCInferenceServiceStub(ch), pb_grpc.VaeServiceStub(ch)
+            health = health_pb2_grpc.HealthStub(ch)
+            for name, version, mu in (("a.encoder", "", 2.0), ("a.encoder", "2", 2.0), ("a.encoder", "1", 1.0),
+                                      ("b.encoder", "", 7.0)):
+                infer.model_name, infer.model_version = name, version
+                r = oip.ModelInfer(infer, timeout=10)
+                assert (r.model_name, r.model_version) == (name, version or "2" if name[0] == "a" else "1")
+                assert np.frombuffer(r.raw_output_contents[0], np.float32).tolist() == [mu, mu]
+            assert (_encode_mu(vae, model="a"), _encode_mu(vae, model="a", version="1"), _encode_mu(vae, model="b")) \
+                == (2.0, 1.0, 7.0)
+            assert list(oip.ModelMetadata(oip_pb.ModelMetadataRequest(name="a.decoder")).versions) == ["1", "2"]
+            assert oip.ModelReady(oip_pb.ModelReadyRequest(name="a.encoder", version="1")).ready
+            assert not oip.ModelReady(oip_pb.ModelReadyRequest(name="a.encoder", version="3")).ready
+            for call, message in (
+                    (lambda: oip.ModelInfer(oip_pb.ModelInferRequest(model_name="encoder"), timeout=10),
+                     "model_name: expected one of ['a.decoder', 'a.encoder', 'b.decoder', 'b.encoder'], got 'encoder'"),
+                    (lambda: oip.ModelInfer(oip_pb.ModelInferRequest(model_name="a.encoder", model_version="3"),
+                                            timeout=10), "model_version: 'a.encoder' has versions ['1', '2'] ready"),
+                    (lambda: _encode_mu(vae), "model: expected one of ['a', 'b'], got ''"),
+                    (lambda: _encode_mu(vae, model="b", version="2"), "version: 'b' has versions ['1'] ready, got '2'"),
+                    (lambda: oip.ModelMetadata(oip_pb.ModelMetadataRequest(name="c.encoder")), "got 'c.encoder'")):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND and message in (e.value.details() or ""), \
+                    e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                oip.RepositoryIndex(oip_pb.RepositoryIndexRequest())
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "--model-control none" in (e.value.details() or "")
+            assert health.Check(health_pb2.HealthCheckRequest(service="a")).status == health_pb2.HealthCheckResponse.SERVING
+        base = f"http://localhost:{server.http_port}/v2"
+        body = json.dumps({"inputs": [{"name": "x", "shape": [1, EXAMPLE_DIM], "datatype": "FP32",
+                                       "data": [0.0] * EXAMPLE_DIM}]}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/models/a.encoder/versions/1/infer", body)) as r:
+            answer = json.loads(r.read())
+        assert answer["model_version"] == "1" and answer["outputs"][0]["data"] == [1.0, 1.0]
+        for path, status, message in ((f"{base}/models/a.encoder/versions/9/infer", 404, "has versions ['1', '2']"),
+                                      (f"{base}/repository/index", 404, "repository extension is off")):
+            with pytest.raises(urllib.error.HTTPError) as h:
+                urllib.request.urlopen(urllib.request.Request(path, body))
+            assert h.value.code == status and message in h.value.read().decode()
+        assert _value(server, "vae_rows_total", model="a.encoder", version="1") >= 2
+        assert _value(server, "vae_model_info", name="a", version="2", providers="CPUExecutionProvider") == 1
     finally:
         assert server.stop() == 0, server.log()
