@@ -184,7 +184,7 @@ def test_export_into_a_repository_publishes_the_next_version_and_a_polling_serve
     try:
         proc = _export("--run", str(trained_run_dir), "--repository", str(repo), "--name", "digits")
         assert proc.returncode == 0, proc.stderr
-        assert f"published digits version 2 (manifest version " in proc.stdout and str(repo / "digits" / "2") in proc.stdout
+        assert "published digits version 2 (manifest version " in proc.stdout and str(repo / "digits" / "2") in proc.stdout
         assert sorted(p.name for p in (repo / "digits").iterdir()) == ["1", "2"]  # no staging directory left
         assert verify_model_dir(repo / "digits" / "2").name == "digits"
         deadline = time.monotonic() + 30
