@@ -267,7 +267,8 @@ class Metrics:
         labels = (name, version, ",".join(providers))
         if loaded:
             self.model_info.labels(*labels).set(1)
-        else:
+        else:  # 0 first: under --workers the sample stays in the worker's file after the remove
+            self.model_info.labels(*labels).set(0)
             _remove(self.model_info, labels)
 
 

@@ -134,6 +134,9 @@ class VaeServicer:
         info: pb.GetModelInfoResponse | None = v.memo.get("vae-info")
         if info is None:
             core = v.core
+            facts = core.info()
+            if not self.repo.legacy:  # the repository's name and version number (the manifest's are in manifest_json)
+                facts.update(name=v.name, version=v.label)
             info = v.memo["vae-info"] = pb.GetModelInfoResponse(
-                **core.info(), manifest_json=json.dumps(public_manifest(core.manifest.raw)))
+                **facts, manifest_json=json.dumps(public_manifest(core.manifest.raw)))
         return info

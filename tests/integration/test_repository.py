@@ -32,7 +32,8 @@ from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
 from serving.tensors import to_tensor
 from tests.conftest import REPO
-from tests.integration._server import ServerProcess, start_server
+from tests.helpers import wait_until
+from tests.integration._server import ServerProcess, start_failure, start_server
 from tests.tiny_export import EXAMPLE_DIM, _weights, publish_version
 
 # The load tests run on both gRPC front ends (`grpc_frontend`: each resolves versions on its own path);
@@ -357,5 +358,25 @@ def test_models_and_versions_are_named_on_both_services_and_unknown_ones_are_not
             assert h.value.code == status and message in h.value.read().decode()
         assert _value(server, "vae_rows_total", model="a.encoder", version="1") >= 2
         assert _value(server, "vae_model_info", name="a", version="2", providers="CPUExecutionProvider") == 1
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_with_two_workers_each_polls_and_swaps_and_explicit_mode_is_refused(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    publish_version(repo, "m", 1)
+    refused = start_failure(repo, "--model-repository", str(repo), "--model-control", "explicit", "--workers", "2")
+    assert refused.returncode != 0 and "model-control: expected poll or none with --workers other than 1" in \
+        refused.stdout + refused.stderr
+    server = _start(repo, tmp_path, "--model-control", "poll", "--repository-poll-s", POLL_S, "--workers", "2")
+    try:
+        publish_version(repo, "m", 2)
+        wait_until(lambda: _value(server, "vae_model_unloads_total", name="m") >= 2, 30, "both workers to swap")
+        seen = set()
+        for _ in range(8):  # a channel is one connection, on one worker: new channels reach both
+            with grpc.insecure_channel(server.target) as ch:
+                seen.add(_encode_mu(pb_grpc.VaeServiceStub(ch)))
+        assert seen == {2.0}
+        assert _value(server, "vae_model_info", name="m", version="1", providers="CPUExecutionProvider") == 0
     finally:
         assert server.stop() == 0, server.log()
