@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
@@ -208,8 +208,15 @@ class Metrics:
         self.models = {name: ModelMetrics(self, name) for name in models}
         self._methods: dict[str, MethodMetrics] = {}
 
-    def count_invalid(self, model: str | None) -> None:
-        """One request refused as invalid input for `model` (when the error named a model we serve)."""
+    def count_invalid(self, model: str | None, pins: Sequence[object] | None = None) -> None:
+        """One request refused as invalid input for `model` (when the error named a model we serve): a
+        graph of the model version the request had resolved (`pins`, from its lease), else of this server."""
+        if pins and model:
+            graphs: dict[str, ModelMetrics] = getattr(pins[0], "graph_metrics", {})
+            mm = graphs.get(model.rpartition(".")[2])  # "encoder", or an OIP name "<vae>.encoder"
+            if mm is not None:
+                mm.rejected["invalid"].inc()
+                return
         if model in self.models:
             self.models[model].rejected["invalid"].inc()
 

@@ -345,6 +345,11 @@ def test_models_and_versions_are_named_on_both_services_and_unknown_ones_are_not
                 oip.RepositoryIndex(oip_pb.RepositoryIndexRequest())
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "--model-control none" in (e.value.details() or "")
             assert health.Check(health_pb2.HealthCheckRequest(service="a")).status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as e:  # a bad shape: counted against the version it named
+                oip.ModelInfer(oip_pb.ModelInferRequest(model_name="a.encoder", model_version="1", raw_input_contents=[
+                    b"\0" * 12], inputs=[oip_pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32",
+                                                                                   shape=[1, 3])]), timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         base = f"http://localhost:{server.http_port}/v2"
         body = json.dumps({"inputs": [{"name": "x", "shape": [1, EXAMPLE_DIM], "datatype": "FP32",
                                        "data": [0.0] * EXAMPLE_DIM}]}).encode()
@@ -357,6 +362,8 @@ def test_models_and_versions_are_named_on_both_services_and_unknown_ones_are_not
                 urllib.request.urlopen(urllib.request.Request(path, body))
             assert h.value.code == status and message in h.value.read().decode()
         assert _value(server, "vae_rows_total", model="a.encoder", version="1") >= 2
+        assert _value(server, "vae_rejections_total", model="a.encoder", version="1", reason="invalid") == 1
+        assert _value(server, "vae_rejections_total", model="a.encoder", version="2", reason="invalid") == 0
         assert _value(server, "vae_model_info", name="a", version="2", providers="CPUExecutionProvider") == 1
     finally:
         assert server.stop() == 0, server.log()
