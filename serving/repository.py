@@ -107,6 +107,10 @@ class Repository:
         self.ready = False  # the server's readiness (OIP ServerReady, /v2/health/ready): set by serving.server
         self.on_change: list[Callable[[], None]] = []  # told after each change of the table (health)
         self._refused: dict[tuple[str, int], tuple[tuple[str, int, int], ...]] = {}  # -> fingerprint refused
+        # (name, version asked for) -> what it resolved to, until the table changes: a request's lookup is
+        # one dict access (only names that resolved are kept, so the caches stay as small as the table).
+        self._resolved: dict[tuple[str, str], ModelVersion] = {}
+        self._resolved_oip: dict[tuple[str, str], tuple[ModelVersion, str]] = {}
         self._lock = asyncio.Lock()  # one model changes at a time: memory is old + new at most
         self._poller: asyncio.Task[None] | None = None
         # Every load on one thread: its allocations come from one malloc arena, which the next load reuses
@@ -156,28 +160,36 @@ class Repository:
     def resolve(self, name: str, version: str, lease: Lease | None = None, pin: bool = True) -> ModelVersion:
         """The version a request asks for (empty name: the one model; empty version: the newest routed),
         pinned on the request's lease (`lease`, else the current one) until it ends; ModelNotFound else."""
-        versions = self.models.get(name) if name else self._only()
-        if versions is None:
-            raise ModelNotFound(f"model: expected one of {sorted(self.models)}, got {quote(repr(name))}")
-        v = self._version(name, versions, version, "version")
+        v = self._resolved.get((name, version))
+        if v is None:
+            versions = self.models.get(name) if name else self._only()
+            if versions is None:
+                raise ModelNotFound(f"model: expected one of {sorted(self.models)}, got {quote(repr(name))}")
+            v = self._resolved[(name, version)] = self._version(name, versions, version, "version")
         return self._pin(v, lease) if pin else v
 
     def resolve_oip(self, name: str, version: str, lease: Lease | None = None,
                     pin: bool = True) -> tuple[ModelVersion, str]:
         """An OIP model name and version -> (the version, the graph), pinned as `resolve` does."""
+        hit = self._resolved_oip.get((name, version))
+        if hit is None:
+            hit = self._resolved_oip[(name, version)] = self._find_oip(name, version)
+        v, graph = hit
+        return (self._pin(v, lease) if pin else v), graph
+
+    def _find_oip(self, name: str, version: str) -> tuple[ModelVersion, str]:
         vae, graph = split_oip_name(name)
         versions = self._only() if vae is None else self.models.get(vae)
-        if versions is None or (versions and graph not in next(iter(versions.values())).core.graphs):
+        if versions is None or graph not in next(iter(versions.values())).core.graphs:
             names = self.oip_names()
             if self.legacy:  # what a one-model server has always answered: its graphs' names
                 graphs = [n for n in names if GRAPH_SEPARATOR not in n]
                 raise InvalidInput("model_name", f"one of {sorted(graphs)}", repr(name))
             raise ModelNotFound(f"model_name: expected one of {sorted(names)}, got {quote(repr(name))}")
-        if self.legacy and version not in ("", *(s for v in versions.values() for s in (v.label, v.core.manifest.version))):
-            v1 = versions[LEGACY_VERSION]
-            raise InvalidInput("model_version", f"'', {v1.label!r} or {v1.core.manifest.version!r}", repr(version), name)
-        v = self._version(name, versions, version, "model_version")
-        return (self._pin(v, lease) if pin else v), graph
+        v = versions.get(LEGACY_VERSION)
+        if self.legacy and v is not None and not (version == "" or v.answers_to(version)):
+            raise InvalidInput("model_version", f"'', {v.label!r} or {v.core.manifest.version!r}", repr(version), name)
+        return self._version(name, versions, version, "model_version"), graph
 
     def oip_names(self) -> list[str]:
         """Every OIP model name that answers now: each graph of each model, and bare graph names with one model."""
@@ -354,6 +366,7 @@ class Repository:
 
     def _set(self, table: dict[str, dict[int, ModelVersion]]) -> None:
         self.models = table
+        self._resolved, self._resolved_oip = {}, {}
         for listener in self.on_change:
             listener()
 
