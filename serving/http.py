@@ -284,12 +284,12 @@ class HttpServer:
     async def _load(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
         req = await self._repository_body(request)
         await self.oip.load("", parts[4], field(req, "parameters", dict, "parameters", "an object", None, {}))
-        return _json({})
+        return web.Response(status=200)  # Triton's answer: 200, empty body
 
     async def _unload(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
         req = await self._repository_body(request)
         await self.oip.unload("", parts[4], field(req, "parameters", dict, "parameters", "an object", None, {}))
-        return _json({})
+        return web.Response(status=200)
 
     async def _model_ready(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
         name, version = self._model_version(parts)

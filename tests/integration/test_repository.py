@@ -387,3 +387,36 @@ def test_with_two_workers_each_polls_and_swaps_and_explicit_mode_is_refused(tmp_
         assert _value(server, "vae_model_info", name="m", version="1", providers="CPUExecutionProvider") == 0
     finally:
         assert server.stop() == 0, server.log()
+
+
+DESCRIPTOR_SCRIPT = """
+import json, sys
+from importlib import import_module
+pb = import_module(sys.argv[1])
+out = {}
+def walk(d):
+    out[d.full_name] = sorted((f.name, f.number, f.type, f.label) for f in d.fields)
+    for n in d.nested_types:
+        walk(n)
+for name in sys.argv[2:]:
+    walk(getattr(pb, name).DESCRIPTOR)
+svc = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+out["rpcs"] = sorted((m.name, m.input_type.full_name, m.output_type.full_name) for m in svc.methods
+                     if m.name.startswith("Repository"))
+print(json.dumps(out))
+"""
+REPOSITORY_MESSAGES = ("RepositoryIndexRequest", "RepositoryIndexResponse", "RepositoryModelLoadRequest",
+                       "RepositoryModelLoadResponse", "RepositoryModelUnloadRequest", "RepositoryModelUnloadResponse",
+                       "ModelRepositoryParameter")
+
+
+def test_the_repository_messages_and_rpcs_are_tritonclients_field_for_field() -> None:
+    def dump(module: str) -> object:
+        # Separate processes: the two `inference` packages cannot share one descriptor pool.
+        proc = subprocess.run([sys.executable, "-c", DESCRIPTOR_SCRIPT, module, *REPOSITORY_MESSAGES], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(proc.stdout)
+
+    ours, theirs = dump("serving._proto.inference.grpc_service_pb2"), dump("tritonclient.grpc.service_pb2")
+    assert ours == theirs
+    assert len(ours["rpcs"]) == 3  # type: ignore[index]
