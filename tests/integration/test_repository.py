@@ -30,6 +30,7 @@ from serving._proto.inference import grpc_service_pb2 as oip_pb
 from serving._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
+from serving.client import VaeClient
 from serving.tensors import to_tensor
 from tests.conftest import REPO
 from tests.helpers import wait_until
@@ -350,6 +351,10 @@ def test_models_and_versions_are_named_on_both_services_and_unknown_ones_are_not
                     b"\0" * 12], inputs=[oip_pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32",
                                                                                    shape=[1, 3])]), timeout=10)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with VaeClient(server.target, model="a", version="1") as client:
+            info = client.info()
+            assert (info["name"], info["version"], info["manifest"]["training"]["tiny_export"]["offset"]) == ("a", "1", 1.0)
+            assert client.encode(ZERO)[0].tolist() == [[1.0, 1.0]]
         base = f"http://localhost:{server.http_port}/v2"
         body = json.dumps({"inputs": [{"name": "x", "shape": [1, EXAMPLE_DIM], "datatype": "FP32",
                                        "data": [0.0] * EXAMPLE_DIM}]}).encode()
