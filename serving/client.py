@@ -73,13 +73,17 @@ class VaeClient:
     """Blocking client; every call takes an optional timeout in seconds (a gRPC deadline)."""
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 * 1024 * 1024,
+                 model: str = "", version: str = "") -> None:
+        """`model`, `version`: which model of a model repository every call goes to (empty: the only
+        model loaded, its newest version)."""
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         self.channel = (grpc.secure_channel(target, credentials, options) if credentials
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.VaeServiceStub(self.channel)
         self.timeout_s = timeout_s
+        self.model, self.version = model, version
 
     def close(self) -> None:
         self.channel.close()
@@ -92,7 +96,7 @@ class VaeClient:
 
     def info(self) -> dict[str, Any]:
         """Model facts: shapes, latent_dim, likelihood, version, providers, batching settings."""
-        resp = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+        resp = self.stub.GetModelInfo(pb.GetModelInfoRequest(model=self.model, version=self.version), timeout=self.timeout_s)
         d = MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         d.pop("manifest_json", None)
         for k in ("latent_dim", "max_batch_size", "max_queue_delay_us", "max_queue_rows", "max_sample_count"):
@@ -103,23 +107,25 @@ class VaeClient:
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x (N, *example_shape) -> mu (N, d), var (N, d)."""
-        r = self.stub.Encode(pb.EncodeRequest(x=to_tensor(x)), timeout=self.timeout_s)
+        r = self.stub.Encode(pb.EncodeRequest(x=to_tensor(x), model=self.model, version=self.version), timeout=self.timeout_s)
         return from_tensor(r.mu), from_tensor(r.var)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """z (N, d) -> x_mean (N, *example_shape)."""
-        return from_tensor(self.stub.Decode(pb.DecodeRequest(z=to_tensor(z)), timeout=self.timeout_s).x)
+        return from_tensor(self.stub.Decode(pb.DecodeRequest(z=to_tensor(z), model=self.model, version=self.version), timeout=self.timeout_s).x)
 
     def sample(self, count: int, seed: int | None = None, temperature: float | None = None,
                return_z: bool = False) -> Sampled:
         """count samples of x from z ~ N(0, temperature^2 I); the same seed gives the same samples."""
-        req = pb.SampleRequest(count=count, seed=seed, temperature=temperature, return_z=return_z)
+        req = pb.SampleRequest(count=count, seed=seed, temperature=temperature, return_z=return_z,
+                               model=self.model, version=self.version)
         r = self.stub.Sample(req, timeout=self.timeout_s)
         return Sampled(x=from_tensor(r.x), z=from_tensor(r.z) if return_z else None, seed=r.seed)
 
     def reconstruct(self, x: np.ndarray, use_mean: bool = True, seed: int | None = None) -> Reconstructed:
         """x (N, *example_shape) -> x_hat and per-example ELBO terms."""
-        req = pb.ReconstructRequest(x=to_tensor(x), use_mean=use_mean, seed=seed)
+        req = pb.ReconstructRequest(x=to_tensor(x), use_mean=use_mean, seed=seed, model=self.model,
+                                    version=self.version)
         r = self.stub.Reconstruct(req, timeout=self.timeout_s)
         return Reconstructed(x_hat=from_tensor(r.x_hat), recon_log_lik=from_tensor(r.recon_log_lik),
                              kl=from_tensor(r.kl), seed=r.seed)
@@ -133,13 +139,13 @@ class VaeClient:
         as the answers arrive (in any order); at most `max_inflight` messages unanswered at once.
         `timeout_s` is the whole stream's deadline (default: the client's)."""
         return self._stream("EncodeStream", pb.EncodeStreamRequest,
-                            lambda x: pb.EncodeRequest(x=to_tensor(x)),
+                            lambda x: pb.EncodeRequest(x=to_tensor(x), model=self.model, version=self.version),
                             lambda r: (from_tensor(r.mu), from_tensor(r.var)), xs, max_inflight, timeout_s)
 
     def decode_stream(self, zs: Iterable[np.ndarray], max_inflight: int = 64, timeout_s: float | None = None
                       ) -> Iterator[tuple[int, np.ndarray | StreamError]]:
         """Each z (N_i, d) as one DecodeStream message -> (i, x_mean or StreamError), as answers arrive."""
-        return self._stream("DecodeStream", pb.DecodeStreamRequest, lambda z: pb.DecodeRequest(z=to_tensor(z)),
+        return self._stream("DecodeStream", pb.DecodeStreamRequest, lambda z: pb.DecodeRequest(z=to_tensor(z), model=self.model, version=self.version),
                             lambda r: from_tensor(r.x), zs, max_inflight, timeout_s)
 
     def reconstruct_stream(self, xs: Iterable[np.ndarray], max_inflight: int = 64, timeout_s: float | None = None
@@ -147,7 +153,7 @@ class VaeClient:
         """Each x (N_i, *example_shape) as one ReconstructStream message (z = mu) -> (i, Reconstructed or
         StreamError), as answers arrive."""
         return self._stream("ReconstructStream", pb.ReconstructStreamRequest,
-                            lambda x: pb.ReconstructRequest(x=to_tensor(x)),
+                            lambda x: pb.ReconstructRequest(x=to_tensor(x), model=self.model, version=self.version),
                             lambda r: Reconstructed(x_hat=from_tensor(r.x_hat), recon_log_lik=from_tensor(r.recon_log_lik),
                                                     kl=from_tensor(r.kl), seed=r.seed),
                             xs, max_inflight, timeout_s)
@@ -255,6 +261,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="localhost:50051", help="server host:port (default %(default)s)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="deadline per call (default %(default)s)")
+    p.add_argument("--model", default="", help="model of a model repository (default: the only one loaded)")
+    p.add_argument("--version", default="", help="its version (default: the newest ready one)")
     p.add_argument("--stream-rows", type=int, default=0,
                    help="encode/decode/reconstruct: send the input as messages of this many rows on one "
                         "bidirectional stream (0 = one unary call; default %(default)s)")
@@ -295,7 +303,7 @@ def _load_z(path: Path) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = sys.stdout
-    with VaeClient(args.target, timeout_s=args.timeout_s) as client:
+    with VaeClient(args.target, timeout_s=args.timeout_s, model=args.model, version=args.version) as client:
         try:
             if args.command == "info":
                 out.write(json.dumps({k: v for k, v in client.info().items() if k != "manifest"}, indent=2) + "\n")

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from serving.layout import LayoutError, VersionPolicy
+
 PROVIDER_CHOICES: tuple[str, ...] = ("auto", "cuda", "cpu")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ENV_PREFIX = "VAE_SERVE_"
@@ -29,6 +31,9 @@ RENAMED_FLAGS: dict[str, str] = {"--metrics-port": "--http-port", "--metrics-hos
 
 
 GRPC_FRONTENDS = ("auto", "native", "grpcio")
+# Triton's model control modes (serving/repository.py): none = what is there at start-up, poll = rescanned every
+# --repository-poll-s, explicit = the Open Inference Protocol's repository extension loads and unloads.
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 # Where prometheus-client's multiprocess mode keeps the workers' samples (--workers); it must be set before
 # prometheus_client is first imported. Here, not in workers.py or metrics.py, so neither imports the other.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -43,6 +48,11 @@ class ServeConfig:
     """Everything `python -m serving` needs. Validated on construction."""
 
     model_dir: Path = Path("exported")
+    model_repository: Path | None = None
+    model_control: str = "none"
+    repository_poll_s: float = 10.0
+    version_policy: str = "latest:1"
+    load_model: str = ""
     host: str = "0.0.0.0"
     port: int = 50051
     http_port: int = 8080
@@ -97,6 +107,15 @@ class ServeConfig:
             ("http_tls", not self.http_tls or self.tls_cert is not None,
              "only with --tls-cert and --tls-key (the HTTP port uses the same files)"),
             ("log_level", self.log_level in LOG_LEVELS, f"one of {LOG_LEVELS}"),
+            ("model_control", self.model_control in MODEL_CONTROL_MODES, f"one of {MODEL_CONTROL_MODES}"),
+            ("model_control", self.model_control == "none" or self.model_repository is not None,
+             "none without --model-repository (--model-dir serves one export as it is)"),
+            ("model_control", self.model_control != "explicit" or self.workers == 1,
+             ("poll or none with --workers other than 1 (a load or unload would reach one worker only; "
+              "run one worker per pod and scale pods)")),
+            ("repository_poll_s", self.repository_poll_s > 0, "a number > 0 (seconds)"),
+            ("load_model", not self.load_model or self.model_control == "explicit",
+             "empty unless --model-control explicit (the other modes load every model)"),
             ("grpc_frontend", self.grpc_frontend in GRPC_FRONTENDS, f"one of {GRPC_FRONTENDS}"),
             ("grpc_frontend", not (self.grpc_frontend == "native" and self.tls_cert is not None),
              ("grpcio or auto with --tls-cert (pygrpc-native 0.5.0 has no TLS; --grpc-frontend native and "
@@ -110,6 +129,10 @@ class ServeConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{name.replace('_', '-')}: expected {expected}, got {getattr(self, name)!r}")
+        try:
+            VersionPolicy.parse(self.version_policy)
+        except LayoutError as e:
+            raise ConfigError(f"version-policy: {e}") from None
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -201,7 +224,17 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             help_ += f" (formerly {old}, still accepted)"
         p.add_argument(*flags, dest=name, type=typ, default=default, help=help_, **kw)  # type: ignore[arg-type]
 
-    add("--model-dir", Path, "exported model directory (model.json, encoder.onnx, decoder.onnx)")
+    add("--model-dir", Path, "exported model directory (model.json, encoder.onnx, decoder.onnx), served as a "
+                             "one-model repository; not read when --model-repository is given")
+    add("--model-repository", _opt_path, "model repository: DIR/<name>/<version>/ each one export, versions "
+                                         "positive integers (serving/repository.py); empty = serve --model-dir")
+    add("--model-control", str, "none: load the repository at start-up; poll: also rescan it every "
+                                "--repository-poll-s (new versions verified, warmed, then routed to); explicit: "
+                                "the repository extension (/v2/repository, RepositoryModelLoad/Unload) loads "
+                                "and unloads", choices=MODEL_CONTROL_MODES)
+    add("--repository-poll-s", float, "poll mode: seconds between rescans of the repository")
+    add("--version-policy", str, "versions of each model served: latest:N, all, or specific:V[,V...]")
+    add("--load-model", str, "explicit mode: models to load at start-up, comma-separated (* = all)")
     add("--host", str, "address to bind for gRPC and HTTP")
     add("--port", int, "gRPC port; 0 = any free port (see --ready-file)")
     add("--http-port", int, "HTTP port: the Open Inference Protocol REST API (/v2/...), its health "

@@ -1,6 +1,9 @@
 """inference.GRPCInferenceService (Open Inference Protocol / KServe v2): a thin adapter over VaeCore.
 
-Models: `encoder` and `decoder`, version "1" (the manifest version is accepted too). Their inputs and
+Models: each VAE graph of the repository, `<vae>.<graph>` (`serving.layout`), and `encoder` and
+`decoder` while one model is loaded (a `--model-dir` server: version "1", the manifest version accepted
+too). The repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) is
+`OipModels`' too, on only with --model-control explicit. Their inputs and
 outputs are the manifest's graph specs, every one of them (encoder x -> mu, var, logvar; decoder z ->
 x_mean plus logits or x_var): ModelMetadata says exactly what the ONNX graphs produce, and ModelInfer
 returns any of them. `serving.dataplane.OipModels` holds what this adapter, the native front end and the
@@ -90,6 +93,8 @@ def parse_infer_request(data: bytes) -> Any:
 # Records are cached for answers of at most this many rows (the per-call cost matters there; the cache stays
 # a few hundred entries, not one per row count up to --max-queue-rows).
 _CACHED_ROWS = 256
+# Response heads (model name, version) cached: names come from requests, so the cache is bounded.
+_CACHED_HEADS = 1024
 
 
 class InferResponseWriter:
@@ -105,16 +110,19 @@ class InferResponseWriter:
     """
 
     def __init__(self) -> None:
-        self._heads: dict[str, bytes] = {}   # model -> fields 1 and 2
+        self._heads: dict[tuple[str, str], bytes] = {}   # (model, version) -> fields 1 and 2
         # (output name, shape, raw) -> the output tensor's whole record when raw (tag, length, name, datatype,
         # shape), else its record up to the tensor bytes: made once per shape (a handful: rows vary).
         self._tensors: dict[tuple[str, tuple[int, ...], bool], bytes] = {}
         self._raw_heads: dict[int, bytes] = {}  # bytes of a raw output -> its field 6 tag and length
 
-    def serialize(self, model: str, request_id: str, outputs: list[tuple[str, np.ndarray]], raw: bool) -> bytes:
-        head = self._heads.get(model)
+    def serialize(self, model: str, request_id: str, outputs: list[tuple[str, np.ndarray]], raw: bool,
+                  version: str = MODEL_VERSION) -> bytes:
+        head = self._heads.get((model, version))
         if head is None:
-            head = self._heads[model] = _string_field(1, model) + _string_field(2, MODEL_VERSION)
+            head = _string_field(1, model) + _string_field(2, version)
+            if len(self._heads) < _CACHED_HEADS:
+                self._heads[(model, version)] = head
         parts: list[bytes | memoryview] = [head]
         if request_id:
             parts.append(_string_field(3, request_id))
@@ -178,16 +186,10 @@ class OipServicer:
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
-        self.core = plane.core
+        self.repo = plane.repo
         self.metrics = plane.metrics
         self.oip = plane.oip
         self._response = InferResponseWriter()
-        meta = pb.ModelMetadataResponse.TensorMetadata
-        self._metadata = {
-            name: pb.ModelMetadataResponse(
-                name=name, versions=m["versions"], platform=m["platform"],
-                inputs=[meta(**t) for t in m["inputs"]], outputs=[meta(**t) for t in m["outputs"]])
-            for name, m in self.oip.metadata.items()}
         self.batched: Mapping[str, Callable[[Any, Lease | None], Work]] = {"ModelInfer": self.infer_work}
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
@@ -196,7 +198,7 @@ class OipServicer:
 
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.core.ready)
+        return pb.ServerReadyResponse(ready=self.repo.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
@@ -208,15 +210,18 @@ class OipServicer:
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        self.oip.model(request.name, request.version)
-        return self._metadata[request.name]
+        m = self.oip.metadata(request.name, request.version)
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(name=m["name"], versions=m["versions"], platform=m["platform"],
+                                        inputs=[meta(**t) for t in m["inputs"]],
+                                        outputs=[meta(**t) for t in m["outputs"]])
 
     def infer_work(self, request: pb.ModelInferRequest, lease: Lease | None) -> Work:
         """ModelInfer up to the batcher: unpack the tensor, check it, and say how the outputs become the
         serialised ModelInferResponse."""
         name = request.model_name
         oip = self.oip
-        spec = oip.model(name, request.model_version)
+        v, graph, spec = oip.model(name, request.model_version, lease)
         inputs = request.inputs  # (each access to a protobuf field makes a Python object: read once)
         t = inputs[0] if inputs else None
         oip.check_input(name, spec, [t.name] if len(inputs) == 1 else [i.name for i in inputs],  # type: ignore[union-attr]
@@ -239,11 +244,29 @@ class OipServicer:
                                    "other typed contents", name)
         outputs = request.outputs
         requested = [o.name for o in outputs] if outputs else []
-        work, wanted = oip.infer_work(name, spec, t.name, t.shape, data, requested, lease)
-        serialize, rid, index = self._response.serialize, request.id, self.core.output_index[name]
+        work, wanted = oip.infer_work(v, graph, name, t.name, t.shape, data, requested, lease)
+        serialize, rid, index, label = self._response.serialize, request.id, v.core.output_index[graph], v.label
         # The runner's outputs (manifest order) straight into the answer, in the order asked for.
-        return Work(work.batcher, work.x, lambda outs: serialize(name, rid, [(n, outs[index[n]]) for n in wanted], raw))
+        return Work(work.batcher, work.x,
+                    lambda outs: serialize(name, rid, [(n, outs[index[n]]) for n in wanted], raw, label))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
         answer: bytes = await self.infer_work(request, current_lease.get()).run(deadline_of(context))
         return answer
+
+    # -- the repository extension (Triton's; UNIMPLEMENTED unless --model-control explicit) ------------
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        rows = self.oip.repository_index(request.repository_name, request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
+        await self.plane.oip.load(request.repository_name, request.model_name, request.parameters)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+        await self.plane.oip.unload(request.repository_name, request.model_name, request.parameters)
+        return pb.RepositoryModelUnloadResponse()

@@ -23,10 +23,14 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("x",)
+    __slots__ = ("x", "model", "version")
     X_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     x: Tensor
-    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    model: str
+    version: str
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("mu", "var")
@@ -37,16 +41,20 @@ class EncodeResponse(_message.Message):
     def __init__(self, mu: _Optional[_Union[Tensor, _Mapping]] = ..., var: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("count", "seed", "temperature", "return_z")
+    __slots__ = ("count", "seed", "temperature", "return_z", "model", "version")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     RETURN_Z_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     count: int
     seed: int
     temperature: float
     return_z: bool
-    def __init__(self, count: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_z: _Optional[bool] = ...) -> None: ...
+    model: str
+    version: str
+    def __init__(self, count: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_z: _Optional[bool] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("x", "z", "seed")
@@ -59,14 +67,18 @@ class SampleResponse(_message.Message):
     def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ReconstructRequest(_message.Message):
-    __slots__ = ("x", "use_mean", "seed")
+    __slots__ = ("x", "use_mean", "seed", "model", "version")
     X_FIELD_NUMBER: _ClassVar[int]
     USE_MEAN_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     x: Tensor
     use_mean: bool
     seed: int
-    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., use_mean: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    model: str
+    version: str
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., use_mean: _Optional[bool] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ReconstructResponse(_message.Message):
     __slots__ = ("x_hat", "recon_log_lik", "kl", "seed")
@@ -81,10 +93,14 @@ class ReconstructResponse(_message.Message):
     def __init__(self, x_hat: _Optional[_Union[Tensor, _Mapping]] = ..., recon_log_lik: _Optional[_Union[Tensor, _Mapping]] = ..., kl: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("z",)
+    __slots__ = ("z", "model", "version")
     Z_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     z: Tensor
-    def __init__(self, z: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    model: str
+    version: str
+    def __init__(self, z: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("x",)
@@ -93,8 +109,12 @@ class DecodeResponse(_message.Message):
     def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("name", "version", "example_shape", "latent_dim", "likelihood", "learned_variance", "normalization_kind", "normalization_offset", "normalization_scale", "providers", "max_batch_size", "max_queue_delay_us", "max_queue_rows", "max_sample_count", "manifest_json")
