@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from serving import __version__
 from serving.budget import InflightBudget, Lease
 from serving.core import VaeCore, Work
+from serving.detector import OIP_DEFAULT_OUTPUTS, OIP_MODEL, OIP_OUTPUTS, Detector, ScoreResult, oip_args
 from serving.errors import InvalidInput
 from serving.manifest import GraphSpec, TensorSpec
 from serving.metrics import Metrics
@@ -31,9 +34,15 @@ class OipModels:
     (`serving.http`) share. Names, versions, metadata, and every check of an infer request that does not
     depend on how its tensors are encoded; the adapters only unpack their encoding."""
 
-    def __init__(self, core: VaeCore) -> None:
+    def __init__(self, core: VaeCore, detector: Detector) -> None:
         self.core = core
+        self.detector = detector
         self.models: dict[str, GraphSpec] = dict(core.graphs)
+        # `score` (serving.detector): x -> the anomaly scores; k, seed, quantile and kind as parameters.
+        x = core.graphs["encoder"].input
+        self.models[OIP_MODEL] = GraphSpec(inputs=(x,), outputs=tuple(
+            TensorSpec(n, "float32", (1,) if n == "threshold" else x.shape if n == "feature_scores" else (-1,))
+            for n in OIP_OUTPUTS))
         self._declared = {name: g.output_names() for name, g in self.models.items()}  # callers do not mutate
         self.versions = ("", MODEL_VERSION, core.manifest.version)
         self.metadata: dict[str, dict[str, Any]] = {
@@ -70,7 +79,7 @@ class OipModels:
         """The outputs to return: those requested (each one the model has), else all of them."""
         declared = self._declared[model]
         if not requested:
-            return declared
+            return list(OIP_DEFAULT_OUTPUTS) if model == OIP_MODEL else declared
         wanted = requested
         unknown = [n for n in wanted if n not in declared]
         if unknown:
@@ -86,6 +95,23 @@ class OipModels:
         return self.core.run_work(model, arr, requested or None, lease), wanted
 
 
+    async def score(self, field: str, shape: Any, data: bytes | memoryview, requested: list[str],
+                    params: dict[str, Any], deadline: float | None
+                    ) -> tuple[list[tuple[str, np.ndarray]], ScoreResult]:
+        """The `score` model's infer request (checked by `check_input`): its parameters as plain values
+        (`serving.detector.oip_args`) -> the output tensors to return, in order, and the result."""
+        wanted = self.outputs(OIP_MODEL, self.models[OIP_MODEL], requested)
+        x = self.core.input_tensor("encoder", field, shape, data)
+        result = await self.detector.score(x, oip_args(params, "feature_scores" in wanted), deadline)
+        return self.detector.oip_outputs(result, wanted), result
+
+    @staticmethod
+    def score_parameters(result: ScoreResult) -> dict[str, Any]:
+        """The `score` model's response parameters: what the request did not fix and the calibration."""
+        return {"k": result.k, "seed": result.seed, "kind": result.kind, "quantile": result.quantile,
+                "calibration": result.calibration}
+
+
 class DataPlane:
     """One server's data plane: core, OIP models, budget and metrics, shared by every front end."""
 
@@ -93,5 +119,6 @@ class DataPlane:
         self.core = core
         self.metrics = metrics
         self.budget = budget
-        self.oip = OipModels(core)
+        self.detector = Detector(core, metrics)
+        self.oip = OipModels(core, self.detector)
         self.config = core.config

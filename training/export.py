@@ -1,10 +1,13 @@
 """Export a trained VAE to ONNX with a manifest, behind a parity gate.
 
     python -m training.export --run runs/demo [--checkpoint best|last] --out exported/ [--opset 18]
+                              [--calibration-k 16] [--calibration-seed 0]
 
 Writes `encoder.onnx`, `decoder.onnx` and `model.json` (schema: serving/manifest.py) into a temporary
 directory beside `--out`, checks ONNX Runtime (CPU) against PyTorch on real and random inputs at several
-batch sizes, and only then swaps the new directory into place atomically (renameat2 RENAME_EXCHANGE on
+batch sizes (and the anomaly scorer against PyTorch), scores the run's validation split for the
+calibration tables of `Score` (training/calibrate.py; skipped, with a warning, when the data cannot be
+read here), and only then swaps the new directory into place atomically (renameat2 RENAME_EXCHANGE on
 Linux; two renames elsewhere). A failed gate, an error or an interrupt leaves the previous export as it
 was. Exit codes: 0 published, 1 parity gate failed, 2 bad input (run, checkpoint, output directory).
 
@@ -36,6 +39,8 @@ from serving.manifest import (
     verify_model_dir,
     write_manifest,
 )
+from serving.scoring import DEFAULT_K
+from training.calibrate import calibrate, validation_examples
 from training.checkpoint import CheckpointError
 from training.config import CHECKPOINT_CHOICES, TrainConfig
 from training.model import DecoderGraph, EncoderGraph
@@ -56,6 +61,8 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     name: str | None = None
     tolerance: float = PARITY_TOLERANCE
+    calibration_k: int = DEFAULT_K
+    calibration_seed: int = 0
 
 
 def parse_args(argv: list[str] | None = None) -> ExportConfig:
@@ -69,9 +76,16 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
     p.add_argument("--name", default=None, help="model name in the manifest (default: vae-<data kind>)")
     p.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE,
                    help="parity gate: largest allowed absolute difference between ORT and PyTorch")
+    p.add_argument("--calibration-k", type=int, default=DEFAULT_K,
+                   help="importance samples per example when scoring the validation split for the calibration "
+                        "tables (the server's default Score k)")
+    p.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration's eps")
     a = p.parse_args(argv)
+    if a.calibration_k < 1 or a.calibration_seed < 0:
+        p.error(f"--calibration-k: expected an integer >= 1 and --calibration-seed >= 0, got "
+                f"{a.calibration_k} and {a.calibration_seed}")
     return ExportConfig(run=a.run, out=a.out, checkpoint=a.checkpoint, opset=a.opset, name=a.name,
-                        tolerance=a.tolerance)
+                        tolerance=a.tolerance, calibration_k=a.calibration_k, calibration_seed=a.calibration_seed)
 
 
 def _export_graph(module: torch.nn.Module, example: torch.Tensor, input_name: str,
@@ -158,6 +172,9 @@ def export(cfg: ExportConfig) -> Manifest:
             onnx.checker.check_model(str(p), full_check=True)
         real = real_examples(config, 256)
         parity = check_parity(model, enc_path, dec_path, graphs, real, config.batch_size, cfg.tolerance)
+        val = validation_examples(config)
+        calibration = None if val is None else calibrate(
+            enc_path, dec_path, val, config.likelihood, cfg.calibration_k, cfg.calibration_seed).to_dict()
         manifest = build_manifest(
             name=cfg.name or f"vae-{config.data.split(':', 1)[0]}",
             files={"encoder": FileEntry.of(enc_path), "decoder": FileEntry.of(dec_path)},
@@ -166,7 +183,7 @@ def export(cfg: ExportConfig) -> Manifest:
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
             training={"config": config.to_dict(), "checkpoint": ckpt_path.name, "epoch": state.get("epoch"),
                       "metrics": _run_metrics(cfg.run)},
-            parity=parity)
+            parity=parity, calibration=calibration)
         write_manifest(staging, manifest)
         verify_model_dir(staging)  # the exact check a server makes before loading
         for p in staging.iterdir():
@@ -218,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         scaled = k.split(".")[1] in parity["scaled_outputs"]
         extra = f"  (gated on |diff|/max(1,|ref|) = {parity['max_scaled_diff'][k]:.3g})" if scaled else ""
         print(f"    {k:<16} max |diff| = {v:.3g}{extra}")
+    for k, v in parity["score"]["max_scaled_diff"].items():
+        print(f"    {k:<16} max |diff|/max(1,|ref|) = {v:.3g} (k={parity['score']['k']}, tolerance "
+              f"{parity['score']['tolerance']:g})")
+    cal = manifest.calibration
+    print("  calibration: " + (f"{cal.describe()}; threshold at 0.99: "
+                               + ", ".join(f"{kind} {cal.threshold(kind, 0.99):.4g}" for kind in cal.quantiles)
+                               if cal is not None else "none (the run's data could not be read)"))
     return 0
 
 
