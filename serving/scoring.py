@@ -249,7 +249,7 @@ class Calibration:
             tables[kind] = arr
         for key in ("feature_mean", "feature_std"):
             v = d.get(key)
-            if not _finite_list(v, features) or (key == "feature_std" and min(v) < 0):
+            if not isinstance(v, list) or not _finite_list(v, features) or (key == "feature_std" and min(v) < 0):
                 n = len(v) if isinstance(v, list) else type(v).__name__
                 raise CalibrationError(f"calibration.{key}: expected {features} finite numbers (one per input "
                                        f"feature{', >= 0' if key == 'feature_std' else ''}), got {n}")
