@@ -32,6 +32,7 @@ import argparse
 import gzip
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -96,14 +97,17 @@ def train_export(name: str, data: str, seed: int, val: float, test: float, cpu: 
     """`training.fit` (defaults but the split and EPOCHS) and `training.export`; returns the run directory (export in
     RUN/exported)."""
     run = WORK / f"{name}-{seed}"
+    if (run / "exported" / "model.json").is_file() and (run / "train" / "best.pt").is_file():
+        return run  # made by an earlier, interrupted run of this benchmark with the same recipe
     shutil.rmtree(run, ignore_errors=True)
     pin = ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
     fit = [*pin, sys.executable, "-m", "training.fit", "--data", data, "--val-fraction", str(val),
            "--test-fraction", str(test), "--seed", str(seed), "--epochs", str(EPOCHS), "--device", "cpu", "--no-progress",
            "--log-level", "WARNING", "--out", str(run / "train")]
-    subprocess.run(fit, check=True, cwd=REPO, timeout=1800)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: on a shared machine two spin against each other
+    subprocess.run(fit, check=True, cwd=REPO, timeout=3600, env=env)
     subprocess.run([*pin, sys.executable, "-m", "training.export", "--run", str(run / "train"), "--out",
-                    str(run / "exported")], check=True, cwd=REPO, timeout=1800, capture_output=True)
+                    str(run / "exported")], check=True, cwd=REPO, timeout=1800, capture_output=True, env=env)
     return run
 
 

@@ -195,14 +195,14 @@ class Metrics:
         self.worker_restarts = Counter("worker_restarts_total", "worker processes that died and were restarted "
                                        "(--workers)", namespace=ns, registry=r)
         self.scored_rows = Counter("scored_rows_total", "rows scored by Score (the model's calibrated default k "
-                                   "and score kind only)", ("model",), namespace=ns, registry=r)
+                                   "and score kind only)", ("name",), namespace=ns, registry=r)
         self.flagged_rows = Counter("flagged_rows_total", "of those, rows over the server's --outlier-quantile "
-                                    "threshold", ("model",), namespace=ns, registry=r)
+                                    "threshold", ("name",), namespace=ns, registry=r)
         self.score_percentile = Histogram("score_percentile", "scored rows' percentile in the calibration "
-                                          "distribution (same rows as vae_scored_rows_total)", ("model",),
+                                          "distribution (same rows as vae_scored_rows_total)", ("name",),
                                           namespace=ns, registry=r, buckets=PERCENTILE_BUCKETS)
         self.outlier_quantile = Gauge("outlier_quantile", "the server's --outlier-quantile (flagged rows are "
-                                      "expected at 1 - this rate on data like the calibration data)", ("model",),
+                                      "expected at 1 - this rate on data like the calibration data)", ("name",),
                                       namespace=ns, registry=r, multiprocess_mode="max")
         self.models = {name: ModelMetrics(self, name) for name in models}
         self._methods: dict[str, MethodMetrics] = {}
