@@ -36,8 +36,9 @@ LABEL_VALUES: dict[str, str] = {
     "method": "the RPC name; `http/<name>` on the HTTP port",
     "code": "gRPC status name, e.g. OK, INVALID_ARGUMENT",
     "model": ", ".join(Metrics().models) + "; with --model-repository `<vae>.<graph>`",
-    "version": "the model version; on the per-model series only with --model-repository (a --model-dir server's "
-               "have no `version` label); vae_model_info: the version number, with --model-dir the manifest's",
+    "version": "the model version; on the per-model and Score series only with --model-repository (a "
+               "--model-dir server's have no `version` label); vae_model_info: the version number, with "
+               "--model-dir the manifest's",
     "name": "the VAE (the repository's model name; with --model-dir the manifest's)",
     "reason": ", ".join(REJECTION_REASONS),
 }

@@ -6,6 +6,7 @@
     python -m serving.client --target localhost:50051 reconstruct --input x.npy --png recon.png
     python -m serving.client --target localhost:50051 decode --input z.npy [--png decoded.png]
     python -m serving.client --target localhost:50051 encode --input x.npy --stream-rows 1
+    python -m serving.client --target localhost:50051 score --input x.npy [--k 16] [--quantile 0.99] --png top.png
 
 `--stream-rows N` (encode, decode, reconstruct) sends the input as N-row messages on one bidirectional
 stream (EncodeStream, ...) instead of one unary call; in Python, `VaeClient.encode_stream(xs)` and its
@@ -34,6 +35,7 @@ from google.protobuf.json_format import MessageToDict
 
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
+from serving.scoreview import save_heatmaps, score_table, summary
 from serving.tensors import F32, from_tensor, to_tensor
 
 
@@ -55,6 +57,23 @@ class Reconstructed:
     def neg_elbo(self) -> np.ndarray:
         """-ELBO per example: an anomaly score (higher = less like the training data)."""
         return self.kl - self.recon_log_lik
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Score's answer (serving.detector.ScoreResult, over the wire)."""
+
+    score: np.ndarray                  # (N,) the `kind` score, nats
+    nll: np.ndarray                    # (N,) importance-weighted -log p(x), nats
+    percentile: np.ndarray | None      # (N,) in [0, 100]; None when not calibrated
+    is_outlier: np.ndarray | None      # (N,) bool; None when not calibrated
+    threshold: float                   # NaN when not calibrated
+    feature_scores: np.ndarray | None  # (N, *example_shape), when asked
+    k: int
+    seed: int
+    kind: str
+    quantile: float
+    calibration: str
 
 
 @dataclass(frozen=True)
@@ -130,6 +149,22 @@ class VaeClient:
         return Reconstructed(x_hat=from_tensor(r.x_hat), recon_log_lik=from_tensor(r.recon_log_lik),
                              kl=from_tensor(r.kl), seed=r.seed)
 
+    def score(self, x: np.ndarray, k: int | None = None, seed: int | None = None, quantile: float | None = None,
+              kind: str = "", want_feature_scores: bool = False) -> Scored:
+        """x (N, *example_shape) -> anomaly scores (server defaults for what is None or empty)."""
+        req = pb.ScoreRequest(x=to_tensor(x), k=k, seed=seed, quantile=quantile, kind=kind,
+                              want_feature_scores=want_feature_scores, model=self.model, version=self.version)
+        return _scored(self.stub.Score(req, timeout=self.timeout_s))
+
+    def score_stream(self, xs: Iterable[np.ndarray], seed: int | None = None, k: int | None = None,
+                     max_inflight: int = 64, timeout_s: float | None = None
+                     ) -> Iterator[tuple[int, Scored | StreamError]]:
+        """Each x (N_i, *example_shape) as one ScoreStream message -> (i, Scored or StreamError), as answers
+        arrive."""
+        return self._stream("ScoreStream", pb.ScoreStreamRequest,
+                            lambda x: pb.ScoreRequest(x=to_tensor(x), seed=seed, k=k, model=self.model,
+                                                      version=self.version), _scored, xs, max_inflight,
+                            timeout_s)
 
     # -- streams: many messages, one call ------------------------------------------------------------
 
@@ -182,6 +217,14 @@ class VaeClient:
         finally:
             ended.set()
             call.cancel()
+
+
+def _scored(r: pb.ScoreResponse) -> Scored:
+    return Scored(score=from_tensor(r.score), nll=from_tensor(r.nll),
+                  percentile=from_tensor(r.percentile) if r.calibrated else None,
+                  is_outlier=np.array(r.is_outlier, dtype=bool) if r.calibrated else None, threshold=r.threshold,
+                  feature_scores=from_tensor(r.feature_scores) if r.HasField("feature_scores") else None,
+                  k=r.k, seed=r.seed, kind=r.kind, quantile=r.quantile, calibration=r.calibration)
 
 
 def in_order(answers: Iterable[tuple[int, Any]]) -> list[Any]:
@@ -286,6 +329,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--input", type=Path, required=True,
                    help=".npy of z (N, latent_dim), or an .npz from `encode --output` (decodes its mu)")
     d.add_argument("--png", type=Path, help="write the decoded examples as a PNG grid here")
+    c = sub.add_parser("score", help="anomaly scores of examples: a table, and a PNG of the most anomalous")
+    c.add_argument("--input", type=Path, required=True, help=".npy of examples in model space")
+    c.add_argument("--k", type=int, help="importance samples per example (default: the calibrated k)")
+    c.add_argument("--seed", type=int, help="seed of eps (default: the server picks one and returns it)")
+    c.add_argument("--quantile", type=float, help="flag scores over this calibration quantile (default: the "
+                                                  "server's --outlier-quantile)")
+    c.add_argument("--kind", default="", help="nll or feature-z (default: the server's default)")
+    c.add_argument("--png", type=Path, help="image models: write the most anomalous inputs over their "
+                                            "per-feature heat maps here")
+    c.add_argument("--top", type=int, default=8, help="inputs in the PNG (default %(default)s)")
     return p
 
 
@@ -359,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     save_grid(to_raw(x, info["manifest"].get("normalization", {})), info["example_shape"],
                               args.png)
                 out.write(json.dumps({"n": int(x.shape[0]), "png": str(args.png) if args.png else None}) + "\n")
+            elif args.command == "score":
+                _score(client, args, out)
         except grpc.RpcError as e:
             sys.stderr.write(f"{args.command}: {e.code().name}: {e.details()}\n")
             return 1
@@ -366,6 +421,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"{args.command}: {e}\n")
             return 1
     return 0
+
+
+def _score(client: VaeClient, args: argparse.Namespace, out: Any) -> None:
+    x = np.load(args.input).astype(F32)
+    info = client.info() if args.png else None
+    layout = image_layout(info["example_shape"]) if info is not None else None
+    if info is not None and layout is None:
+        raise SystemExit(f"--png: examples of shape {tuple(info['example_shape'])} are not images")
+    r = client.score(x, k=args.k, seed=args.seed, quantile=args.quantile, kind=args.kind,
+                     want_feature_scores=args.png is not None)
+    out.write(score_table(r.score, r.nll, r.percentile, r.is_outlier, r.kind) + "\n")
+    shown = None
+    if info is not None and layout is not None and r.feature_scores is not None:
+        raw = to_raw(x, info["manifest"].get("normalization", {}))
+        shown = save_heatmaps(raw, r.feature_scores, r.score, layout, args.png, top=args.top)
+    flagged = int(r.is_outlier.sum()) if r.is_outlier is not None else None
+    out.write(json.dumps(summary(int(x.shape[0]), r.kind, r.k, r.seed, r.quantile, r.threshold, r.calibration,
+                                 flagged, shown, args.png)) + "\n")
 
 
 if __name__ == "__main__":

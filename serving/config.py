@@ -67,6 +67,8 @@ class ServeConfig:
     max_queue_delay_us: int = 500
     max_queue_rows: int = 16384
     max_sample_count: int = 4096
+    outlier_quantile: float = 0.99
+    max_score_k: int = 256
     max_message_bytes: int = 16 * 1024 * 1024
     max_inflight_bytes: int = 256 * 1024 * 1024
     max_stream_inflight: int = 64
@@ -97,6 +99,9 @@ class ServeConfig:
             ("max_queue_rows", self.max_queue_rows >= self.max_batch_size,
              f"an integer >= max_batch_size ({self.max_batch_size})"),
             ("max_sample_count", self.max_sample_count >= 1, "an integer >= 1"),
+            ("outlier_quantile", 0.0 < self.outlier_quantile < 1.0, "a number in (0, 1), e.g. 0.99"),
+            ("max_score_k", 1 <= self.max_score_k <= self.max_queue_rows,
+             f"an integer from 1 to max_queue_rows ({self.max_queue_rows})"),
             ("max_message_bytes", self.max_message_bytes >= 1024, "an integer >= 1024"),
             ("max_inflight_bytes", self.max_inflight_bytes >= 0, "an integer >= 0 (0 = no limit)"),
             ("max_stream_inflight", self.max_stream_inflight >= 1, "an integer >= 1"),
@@ -256,6 +261,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--max-queue-delay-us", int, "longest a queued row waits for a batch to fill once the runner is free")
     add("--max-queue-rows", int, "queued rows per model before RESOURCE_EXHAUSTED")
     add("--max-sample-count", int, "largest Sample count")
+    add("--outlier-quantile", float, "Score: the calibration quantile above which an example is flagged an "
+                                     "outlier (0.99 flags about 1% of data like the model's validation split); "
+                                     "a request may ask for another")
+    add("--max-score-k", int, "Score: most importance samples per example (k); k x rows decoder rows must also "
+                              "fit in --max-queue-rows")
     add("--max-message-bytes", int, "largest gRPC message received or sent")
     add("--max-inflight-bytes", int, "budget of request and response bytes (times the copies each needs) "
                                      "held by RPCs at once; over it, RESOURCE_EXHAUSTED (0 = no limit)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,15 @@ class Work:
 
     async def run(self, deadline: float | None) -> Any:
         return self.finish(await self.batcher.submit(self.x, deadline))
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A request of several batcher runs one after another (Score: the encoder, then the decoder on k x N
+    rows), where an adapter would otherwise hand back one `Work`: `run(deadline)` gives the answer. The native
+    front end runs it as a task; the asynchronous adapters await `run` as they would a Work's."""
+
+    run: Callable[[float | None], Awaitable[Any]]
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 from serving import __version__
 from serving.budget import InflightBudget, Lease
 from serving.core import Work
+from serving.detector import OIP_DEFAULT_OUTPUTS, OIP_MODEL, OIP_OUTPUTS, ScoreResult, oip_args
 from serving.errors import ExtensionOff, InvalidInput, ModelNotFound, quote
 from serving.layout import NAME_RE, LayoutError, check_name
 from serving.manifest import GraphSpec, TensorSpec
@@ -33,7 +36,8 @@ class OipModels:
     """The Open Inference Protocol's models, protocol-free: what gRPC (`OipServicer`) and REST
     (`serving.http`) share. Names, versions, metadata, and every check of an infer request that does not
     depend on how its tensors are encoded; the adapters only unpack their encoding. Names and versions
-    resolve through the repository (`serving.layout`: `<vae>.<graph>`, or the graph alone with one model)."""
+    resolve through the repository (`serving.layout`: `<vae>.<graph>`, or the graph alone with one model),
+    for every VAE's graphs: `encoder`, `decoder` and `score` (`serving.detector`)."""
 
     def __init__(self, repo: Repository, explicit: bool = False) -> None:
         self.repo = repo
@@ -44,7 +48,7 @@ class OipModels:
     def model(self, name: str, version: str, lease: Lease | None = None) -> tuple[ModelVersion, str, GraphSpec]:
         """(the model version, the graph, its spec) that `name` and `version` answer to, pinned on the request."""
         v, graph = self.repo.resolve_oip(name, version, lease)
-        return v, graph, v.core.graphs[graph]
+        return v, graph, v.graphs[graph]
 
     def metadata(self, name: str, version: str) -> dict[str, Any]:
         """ModelMetadata of `name` (as asked for) at `version`: the graph's tensors, the versions routed."""
@@ -81,9 +85,9 @@ class OipModels:
     @staticmethod
     def outputs(v: ModelVersion, graph: str, model: str, requested: list[str]) -> list[str]:
         """The outputs to return: those requested (each one the model has), else all of them."""
-        declared: list[str] = list(v.core.output_index[graph])
+        declared: list[str] = list(OIP_OUTPUTS) if graph == OIP_MODEL else list(v.core.output_index[graph])
         if not requested:
-            return declared
+            return list(OIP_DEFAULT_OUTPUTS) if graph == OIP_MODEL else declared
         unknown = [n for n in requested if n not in declared]
         if unknown:
             raise InvalidInput("outputs", f"names among {declared}", str(unknown), model)
@@ -96,6 +100,23 @@ class OipModels:
         arr = v.core.input_tensor(graph, field, shape, data)
         wanted = self.outputs(v, graph, model, requested)
         return v.core.run_work(graph, arr, requested or None, lease), wanted
+
+    async def score(self, v: ModelVersion, model: str, field: str, shape: Any, data: bytes | memoryview,
+                    requested: list[str], params: dict[str, Any], deadline: float | None
+                    ) -> tuple[list[tuple[str, np.ndarray]], ScoreResult]:
+        """A `score` graph's infer request (its version resolved and pinned by `model`, its input checked by
+        `check_input`): its parameters as plain values (`serving.detector.oip_args`) -> the output tensors to
+        return, in order, and the result; scored by that version's detector (its batchers, its calibration)."""
+        wanted = self.outputs(v, OIP_MODEL, model, requested)
+        x = v.core.input_tensor("encoder", field, shape, data)
+        result = await v.detector.score(x, oip_args(params, "feature_scores" in wanted), deadline)
+        return v.detector.oip_outputs(result, wanted), result
+
+    @staticmethod
+    def score_parameters(result: ScoreResult) -> dict[str, Any]:
+        """The `score` model's response parameters: what the request did not fix and the calibration."""
+        return {"k": result.k, "seed": result.seed, "kind": result.kind, "quantile": result.quantile,
+                "calibration": result.calibration}
 
 
     # -- the repository extension (index, load, unload), on only with --model-control explicit ---------

@@ -50,6 +50,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from serving.budget import REQUEST_COPIES, current_lease
 from serving.dataplane import FP32, DataPlane
+from serving.detector import OIP_MODEL
 from serving.errors import GRPC_BY_HTTP, InvalidInput, ResponseTooLarge, ShuttingDown, quote
 from serving.jsoncodec import JsonPool, Problem, encode_response, field, parse_request, shown, timeout_of
 from serving.scope import RequestScope
@@ -388,7 +389,11 @@ class HttpServer:
         outputs = field(req, "outputs", list, "outputs", "a list of {name, parameters}", name, [])
         if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
             raise InvalidInput("outputs", "a list of objects with a name", shown(outputs), name)
-        work, wanted = oip.infer_work(v, graph, name, where, shape, data, [o["name"] for o in outputs])
+        requested = [o["name"] for o in outputs]
+        if graph == OIP_MODEL:
+            wanted = oip.outputs(v, graph, name, requested)
+        else:
+            work, wanted = oip.infer_work(v, graph, name, where, shape, data, requested)
         all_binary = field(params, "binary_data_output", bool, "parameters.binary_data_output", "true or false",
                             name, False)
         as_binary = {n: all_binary for n in wanted}
@@ -396,16 +401,23 @@ class HttpServer:
             op = field(o, "parameters", dict, f"outputs[{o['name']!r}].parameters", "an object", name, {})
             as_binary[o["name"]] = field(op, "binary_data", bool, f"outputs[{o['name']!r}].parameters.binary_data",
                                           "true or false", name, all_binary)
+        deadline = self._deadline(request, params, name)
+        if graph == OIP_MODEL:
+            scored, result = await oip.score(v, name, where, shape, data, requested, params, deadline)
+            del body, head, binary, data
+            return await self._answer(req, name, v.label, wanted, as_binary, dict(scored),
+                                      oip.score_parameters(result))
         del body, head, binary, data
-        results = await work.run(self._deadline(request, params, name))
+        results = await work.run(deadline)
         return await self._answer(req, name, v.label, wanted, as_binary, results)
 
     def _deadline(self, request: web.BaseRequest, params: dict[str, Any], model: str) -> float | None:
         timeout_s = timeout_of(params, request.headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER, model)
         return None if timeout_s is None else time.monotonic() + timeout_s  # the batcher's clock
 
-    async def _answer(self, req: dict[str, Any], model: str, version: str, wanted: list[str], as_binary: dict[str, bool],
-                      results: dict[str, np.ndarray]) -> web.Response:
+    async def _answer(self, req: dict[str, Any], model: str, version: str, wanted: list[str],
+                      as_binary: dict[str, bool], results: dict[str, np.ndarray],
+                      parameters: dict[str, Any] | None = None) -> web.Response:
         out_meta: list[dict[str, Any]] = []
         blobs: list[bytes] = []
         json_floats = 0
@@ -423,6 +435,8 @@ class HttpServer:
         resp: dict[str, Any] = {"model_name": model, "model_version": version}
         if isinstance(req.get("id"), str) and req["id"]:
             resp["id"] = req["id"]
+        if parameters is not None:
+            resp["parameters"] = parameters
         resp["outputs"] = out_meta
         if json_floats > JSON_INLINE_FLOATS:
             head = await asyncio.get_running_loop().run_in_executor(self._json.executor(), encode_response, resp)

@@ -11,8 +11,8 @@ elsewhere and renamed into place, as `python -m training.export --repository DIR
 that does not verify is refused and retried only when its files change (`fingerprint`).
 
 Names on the Open Inference Protocol: each VAE graph is the OIP model `oip_name(vae, graph)`, that is
-`<vae>.<graph>` (`digits.encoder`, `digits.decoder`; any later graph the same way). The graph's bare
-name (`encoder`, `decoder`) addresses the graph of the one model while exactly one is loaded: what a
+`<vae>.<graph>` (`digits.encoder`, `digits.decoder`, `digits.score` (serving.detector); any later graph
+the same way). The graph's bare name (`encoder`, `decoder`, `score`) addresses the graph of the one model while exactly one is loaded: what a
 server started with `--model-dir` has always answered to. Model versions on OIP are the directory
 numbers as strings (a version's manifest `version`, its content hash, is accepted too).
 

@@ -32,6 +32,8 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 0.01, 0.02,
     0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS: tuple[float, ...] = tuple(float(2 ** i) for i in range(11))  # 1, 2, 4, ..., 1024
+# Score: where scored rows fall in the calibration distribution, in percent (a drift shows as mass moving up).
+PERCENTILE_BUCKETS: tuple[float, ...] = (10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 100.0)
 REJECTION_REASONS: tuple[str, ...] = ("queue_full", "deadline", "cancelled", "invalid")
 REFRESH_S = 0.5  # multiprocess mode: how often a worker copies its live gauges into its files
 
@@ -205,6 +207,19 @@ class Metrics:
                                         "loading or warm-up and were not served", ("name",), namespace=ns, registry=r)
         self.worker_restarts = Counter("worker_restarts_total", "worker processes that died and were restarted "
                                        "(--workers)", namespace=ns, registry=r)
+        # Score, per VAE (`name`, as vae_model_info's) and with a model repository per version: each version
+        # is scored against its own calibration (serving.detector).
+        per_vae = ("name", "version") if versioned else ("name",)
+        self.scored_rows = Counter("scored_rows_total", "rows scored by Score (the model's calibrated default k "
+                                   "and score kind only)", per_vae, namespace=ns, registry=r)
+        self.flagged_rows = Counter("flagged_rows_total", "of those, rows over the server's --outlier-quantile "
+                                    "threshold", per_vae, namespace=ns, registry=r)
+        self.score_percentile = Histogram("score_percentile", "scored rows' percentile in the calibration "
+                                          "distribution (same rows as vae_scored_rows_total)", per_vae,
+                                          namespace=ns, registry=r, buckets=PERCENTILE_BUCKETS)
+        self.outlier_quantile = Gauge("outlier_quantile", "the server's --outlier-quantile (flagged rows are "
+                                      "expected at 1 - this rate on data like the calibration data)", per_vae,
+                                      namespace=ns, registry=r, multiprocess_mode="max")
         self.models = {name: ModelMetrics(self, name) for name in models}
         self._methods: dict[str, MethodMetrics] = {}
 
@@ -236,6 +251,11 @@ class Metrics:
             _remove(self.rejections, (*mm.labels, reason))
         gone = {id(mm.queue_rows), id(mm.queue_requests)}
         self._live = [(g, f) for g, f in self._live if id(g) not in gone]
+
+    def drop_score(self, labels: tuple[str, ...]) -> None:
+        """Remove the Score series of an unloaded model version (`labels`: its detector's)."""
+        for fam in (self.scored_rows, self.flagged_rows, self.score_percentile, self.outlier_quantile):
+            _remove(fam, labels)
 
     def live(self, gauge: Gauge, value: Callable[[], float]) -> None:
         """`gauge` shows `value()`: read at scrape time, or (multiprocess mode) copied by `refresh`."""

@@ -1,15 +1,19 @@
 """inference.GRPCInferenceService (Open Inference Protocol / KServe v2): a thin adapter over VaeCore.
 
-Models: each VAE graph of the repository, `<vae>.<graph>` (`serving.layout`), and `encoder` and
-`decoder` while one model is loaded (a `--model-dir` server: version "1", the manifest version accepted
-too). The repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) is
-`OipModels`' too, on only with --model-control explicit. Their inputs and
-outputs are the manifest's graph specs, every one of them (encoder x -> mu, var, logvar; decoder z ->
-x_mean plus logits or x_var): ModelMetadata says exactly what the ONNX graphs produce, and ModelInfer
-returns any of them. `serving.dataplane.OipModels` holds what this adapter, the native front end and the
-REST one (`serving.http`) share. ModelInfer goes through the same validation, batcher, deadlines, back-pressure and
-metrics as vae.v1.VaeService (`serving.rpc`, `VaeCore.input_tensor`); errors are the codes Triton gives:
-INVALID_ARGUMENT for an unknown model, input name, datatype, shape or size, and for raw and typed
+Models: each VAE graph of the repository, `<vae>.<graph>` (`serving.layout.oip_name`): `encoder`,
+`decoder` and `score`, and the bare graph names while one model is loaded (a `--model-dir` server:
+`encoder`, `decoder`, `score`, version "1", the manifest version accepted too). The repository extension
+(RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) is `OipModels`' too, on only with
+--model-control explicit. The encoder's and decoder's inputs and outputs are the manifest's graph specs,
+every one of them (encoder x -> mu, var, logvar; decoder z -> x_mean plus logits or x_var): ModelMetadata
+says exactly what the ONNX graphs produce, and ModelInfer returns any of them. `score` (serving.detector,
+the resolved version's detector and calibration): x -> score, nll, percentile, is_outlier (0/1),
+threshold (1,) and, when asked for by name, feature_scores; request parameters k, seed, quantile, kind;
+the response's parameters say the k, seed, kind and quantile used and the calibration.
+`serving.dataplane.OipModels` holds what this adapter, the native front end and the REST one
+(`serving.http`) share. ModelInfer goes through the same validation, batcher, deadlines, back-pressure
+and metrics as vae.v1.VaeService (`serving.rpc`, `VaeCore.input_tensor`); errors are the codes Triton
+gives: INVALID_ARGUMENT for an unknown model, input name, datatype, shape or size, and for raw and typed
 contents mixed.
 
 ModelStreamInfer (Triton's bidirectional extension, non-decoupled semantics): every ModelInferRequest
@@ -29,9 +33,11 @@ import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as pb
 from serving.budget import Lease, current_lease
-from serving.core import Work
+from serving.core import Job, Work
 from serving.dataplane import FP32, MODEL_VERSION, DataPlane
+from serving.detector import OIP_MODEL
 from serving.errors import InvalidInput
+from serving.repository import ModelVersion
 from serving.rpc import StreamCodec, deadline_of
 from serving.tensors import (
     F32,
@@ -166,6 +172,16 @@ class InferResponseWriter:
         return _OUTPUT + varint(len(tensor) + len(contents) + len(fp32) + nbytes) + tensor + contents + fp32
 
 
+def _parameter(v: Any) -> pb.InferParameter:
+    if isinstance(v, bool):
+        return pb.InferParameter(bool_param=v)
+    if isinstance(v, int):
+        return pb.InferParameter(uint64_param=v) if v >= 1 << 63 else pb.InferParameter(int64_param=v)
+    if isinstance(v, float):
+        return pb.InferParameter(double_param=v)
+    return pb.InferParameter(string_param=str(v))
+
+
 def _string_field(number: int, text: str) -> bytes:
     return length_delimited(field_tag(number), text.encode())
 
@@ -190,7 +206,7 @@ class OipServicer:
         self.metrics = plane.metrics
         self.oip = plane.oip
         self._response = InferResponseWriter()
-        self.batched: Mapping[str, Callable[[Any, Lease | None], Work]] = {"ModelInfer": self.infer_work}
+        self.batched: Mapping[str, Callable[[Any, Lease | None], Work | Job]] = {"ModelInfer": self.infer_work}
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -216,9 +232,9 @@ class OipServicer:
                                         inputs=[meta(**t) for t in m["inputs"]],
                                         outputs=[meta(**t) for t in m["outputs"]])
 
-    def infer_work(self, request: pb.ModelInferRequest, lease: Lease | None) -> Work:
+    def infer_work(self, request: pb.ModelInferRequest, lease: Lease | None) -> Work | Job:
         """ModelInfer up to the batcher: unpack the tensor, check it, and say how the outputs become the
-        serialised ModelInferResponse."""
+        serialised ModelInferResponse (for `score`, two batcher runs: a Job)."""
         name = request.model_name
         oip = self.oip
         v, graph, spec = oip.model(name, request.model_version, lease)
@@ -244,11 +260,29 @@ class OipServicer:
                                    "other typed contents", name)
         outputs = request.outputs
         requested = [o.name for o in outputs] if outputs else []
+        if graph == OIP_MODEL:
+            return self._score_job(v, request, t, data, requested, raw)
         work, wanted = oip.infer_work(v, graph, name, t.name, t.shape, data, requested, lease)
         serialize, rid, index, label = self._response.serialize, request.id, v.core.output_index[graph], v.label
         # The runner's outputs (manifest order) straight into the answer, in the order asked for.
         return Work(work.batcher, work.x,
                     lambda outs: serialize(name, rid, [(n, outs[index[n]]) for n in wanted], raw, label))
+
+    def _score_job(self, v: ModelVersion, request: pb.ModelInferRequest, t: Any, data: bytes | memoryview,
+                   requested: list[str], raw: bool) -> Job:
+        """A `score` graph's ModelInfer (its version `v` resolved and pinned): two batcher runs, a Job."""
+        params = {k: getattr(p, p.WhichOneof("parameter_choice") or "bool_param")
+                  for k, p in request.parameters.items()}
+        shape, field, rid, name = list(t.shape), t.name, request.id, request.model_name
+
+        async def run(deadline: float | None) -> bytes:
+            outputs, result = await self.oip.score(v, name, field, shape, data, requested, params, deadline)
+            extra = {k: _parameter(p) for k, p in self.oip.score_parameters(result).items()}
+            # Two serialised messages concatenated parse as their merge: the outputs, then the parameters.
+            return (self._response.serialize(name, rid, outputs, raw, v.label)
+                    + pb.ModelInferResponse(parameters=extra).SerializeToString())
+
+        return Job(run)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
         answer: bytes = await self.infer_work(request, current_lease.get()).run(deadline_of(context))

@@ -43,8 +43,10 @@ from serving import layout
 from serving.budget import Lease, current_lease
 from serving.config import ServeConfig
 from serving.core import VaeCore
+from serving.detector import OIP_MODEL, Detector
 from serving.errors import InvalidInput, ModelLoadError, ModelNotFound, StartupError, quote
 from serving.layout import GRAPH_SEPARATOR, LayoutError, VersionPolicy, oip_name, split_oip_name
+from serving.manifest import GraphSpec
 from serving.metrics import Metrics, ModelMetrics
 from serving.runtime import LoadedModel, load_model
 
@@ -63,6 +65,8 @@ class ModelVersion:
     path: Path
     core: VaeCore
     graph_metrics: dict[str, ModelMetrics]
+    detector: Detector  # Score over this version's core and calibration
+    graphs: dict[str, GraphSpec]  # its OIP graphs: the manifest's (encoder, decoder) and `score`
     users: int = 0  # requests that resolved this version and have not ended (their lease pins it)
     memo: dict[str, Any] = field(default_factory=dict)  # adapters' per-version caches (metadata, info)
 
@@ -180,7 +184,7 @@ class Repository:
     def _find_oip(self, name: str, version: str) -> tuple[ModelVersion, str]:
         vae, graph = split_oip_name(name)
         versions = self._only() if vae is None else self.models.get(vae)
-        if versions is None or graph not in next(iter(versions.values())).core.graphs:
+        if versions is None or graph not in next(iter(versions.values())).graphs:
             names = self.oip_names()
             if self.legacy:  # what a one-model server has always answered: its graphs' names
                 graphs = [n for n in names if GRAPH_SEPARATOR not in n]
@@ -193,10 +197,10 @@ class Repository:
 
     def oip_names(self) -> list[str]:
         """Every OIP model name that answers now: each graph of each model, and bare graph names with one model."""
-        names = [oip_name(n, g) for n, vs in self.models.items() if vs for g in next(iter(vs.values())).core.graphs]
+        names = [oip_name(n, g) for n, vs in self.models.items() if vs for g in next(iter(vs.values())).graphs]
         only = self._only()
         if only:
-            names += list(next(iter(only.values())).core.graphs)
+            names += list(next(iter(only.values())).graphs)
         return names
 
     def _only(self) -> dict[int, ModelVersion] | None:
@@ -356,8 +360,14 @@ class Repository:
                              for g in model.manifest.graphs}
             self.metrics.set_model_info(name, str(version), model.providers)
         core = VaeCore(model, self.config, self.metrics, graph_metrics)
+        detector = Detector(core, self.metrics, self._score_labels(name, version))
         core.start()
-        return ModelVersion(name, version, path, core, graph_metrics)
+        return ModelVersion(name, version, path, core, graph_metrics, detector,
+                            {**core.graphs, OIP_MODEL: detector.graph})
+
+    def _score_labels(self, name: str, version: int) -> tuple[str, ...]:
+        """The score metrics' labels of one version: (name, version) as vae_model_info's; (name,) with --model-dir."""
+        return (name,) if self.legacy else (name, str(version))
 
     def _refuse(self, name: str, version: int, path: Path, why: str) -> None:
         self._refused[(name, version)] = layout.fingerprint(path)
@@ -385,6 +395,7 @@ class Repository:
         if not self.legacy:
             for mm in v.graph_metrics.values():
                 self.metrics.drop_model(mm)
+            self.metrics.drop_score(v.detector.labels)
             self.metrics.set_model_info(v.name, v.label, v.core.model.providers, loaded=False)
         self.metrics.model_unloads.labels(v.name).inc()
         logger.info("model %s version %d: unloaded", v.name, v.version)

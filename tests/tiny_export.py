@@ -68,31 +68,42 @@ def _graph(role: str, offset: float, hidden: int) -> onnx.ModelProto:
     return model
 
 
-def write_export(out: Path, offset: float, name: str = "m", hidden: int = 0) -> Path:
-    """A whole export in `out` (created; written in place: see `publish_version` for a repository)."""
+def write_export(out: Path, offset: float, name: str = "m", hidden: int = 0,
+                 calibrate_on: np.ndarray | None = None) -> Path:
+    """A whole export in `out` (created; written in place: see `publish_version` for a repository).
+    `calibrate_on` (N, 4): held-out examples the export's Score calibration is made from, as
+    `training.export` makes it (`training.calibrate.calibrate`, k = 16, seed 0); None: no calibration."""
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for role in ("encoder", "decoder"):
         path = out / f"{role}.onnx"
         onnx.save(_graph(role, offset, hidden), str(path))
         files[role] = FileEntry.of(path)
+    calibration = None
+    if calibrate_on is not None:
+        from serving.scoring import DEFAULT_K
+        from training.calibrate import calibrate  # torch: only for the tests that calibrate
+
+        calibration = calibrate(out / "encoder.onnx", out / "decoder.onnx", calibrate_on.astype(np.float32),
+                                "bernoulli", DEFAULT_K, 0).to_dict()
     manifest = build_manifest(
         name=name, files=files, example_shape=(EXAMPLE_DIM,), latent_dim=LATENT_DIM, likelihood="bernoulli",
         learned_variance=False, normalization={"kind": "scale", "offset": 0.0, "scale": 1.0}, opset=OPSET,
-        versions={"onnx": onnx.__version__}, training={"tiny_export": {"offset": offset}}, parity={})
+        versions={"onnx": onnx.__version__}, training={"tiny_export": {"offset": offset}}, parity={},
+        calibration=calibration)
     write_manifest(out, manifest)
     return out
 
 
 def publish_version(repository: Path, name: str, version: int, offset: float | None = None,
-                    hidden: int = 0, corrupt: bool = False) -> Path:
+                    hidden: int = 0, corrupt: bool = False, calibrate_on: np.ndarray | None = None) -> Path:
     """Write version `version` of `name` beside the repository's model directory, then rename it into
     place (what a server polling the repository may see: nothing, then the whole version). `corrupt`
     flips one byte of the encoder after the manifest was written (a checksum mismatch)."""
     model_dir = repository / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.staging-", dir=model_dir))
-    write_export(staging, float(version if offset is None else offset), name, hidden)
+    write_export(staging, float(version if offset is None else offset), name, hidden, calibrate_on)
     if corrupt:
         data = bytearray((staging / "encoder.onnx").read_bytes())
         data[len(data) // 2] ^= 0xFF

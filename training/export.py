@@ -1,14 +1,18 @@
 """Export a trained VAE to ONNX with a manifest, behind a parity gate.
 
     python -m training.export --run runs/demo [--checkpoint best|last] --out exported/ [--opset 18]
+                              [--calibration-k 16] [--calibration-seed 0]
     python -m training.export --run runs/demo --repository models/ --name digits     # -> models/digits/<N+1>/
 
 Writes `encoder.onnx`, `decoder.onnx` and `model.json` (schema: serving/manifest.py) into a temporary
 directory beside `--out`, checks ONNX Runtime (CPU) against PyTorch on real and random inputs at several
-batch sizes, and only then swaps the new directory into place atomically (renameat2 RENAME_EXCHANGE on
+batch sizes (and the anomaly scorer against PyTorch), scores the run's validation split for the
+calibration tables of `Score` (training/calibrate.py; skipped, with a warning, when the data cannot be
+read here), and only then swaps the new directory into place atomically (renameat2 RENAME_EXCHANGE on
 Linux; two renames elsewhere). With `--repository DIR --name N` it publishes the next version of model
 N in that model repository instead (DIR/N/<highest + 1>/, renamed into place, printed; serving/layout.py),
-which a server polling DIR picks up. A failed gate, an error or an interrupt leaves the previous export as it
+which a server polling DIR picks up, each version with its own calibration. A failed gate, an error or
+an interrupt leaves the previous export as it
 was. Exit codes: 0 published, 1 parity gate failed, 2 bad input (run, checkpoint, output directory).
 
 The gate is training/parity.py, the staging and swap training/publish.py, the manifest's one writer
@@ -40,6 +44,8 @@ from serving.manifest import (
     verify_model_dir,
     write_manifest,
 )
+from serving.scoring import DEFAULT_K
+from training.calibrate import calibrate, validation_examples
 from training.checkpoint import CheckpointError
 from training.config import CHECKPOINT_CHOICES, TrainConfig
 from training.model import DecoderGraph, EncoderGraph
@@ -61,6 +67,8 @@ class ExportConfig:
     name: str | None = None
     tolerance: float = PARITY_TOLERANCE
     repository: Path | None = None  # publish as the next version of `name` in this model repository
+    calibration_k: int = DEFAULT_K
+    calibration_seed: int = 0
 
 
 def parse_args(argv: list[str] | None = None) -> ExportConfig:
@@ -78,7 +86,14 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
                                                 "--repository, required: the model's directory there")
     p.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE,
                    help="parity gate: largest allowed absolute difference between ORT and PyTorch")
+    p.add_argument("--calibration-k", type=int, default=DEFAULT_K,
+                   help="importance samples per example when scoring the validation split for the calibration "
+                        "tables (the server's default Score k)")
+    p.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration's eps")
     a = p.parse_args(argv)
+    if a.calibration_k < 1 or a.calibration_seed < 0:
+        p.error(f"--calibration-k: expected an integer >= 1 and --calibration-seed >= 0, got "
+                f"{a.calibration_k} and {a.calibration_seed}")
     if a.repository is not None:
         if a.name is None:
             p.error("--name is required with --repository (the model's directory in the repository)")
@@ -87,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
         except LayoutError as e:
             p.error(str(e))
     return ExportConfig(run=a.run, out=a.out, checkpoint=a.checkpoint, opset=a.opset, name=a.name,
-                        tolerance=a.tolerance, repository=a.repository)
+                        tolerance=a.tolerance, repository=a.repository, calibration_k=a.calibration_k,
+                        calibration_seed=a.calibration_seed)
 
 
 def _export_graph(module: torch.nn.Module, example: torch.Tensor, input_name: str,
@@ -180,6 +196,9 @@ def export_to(cfg: ExportConfig) -> tuple[Manifest, Path]:
             onnx.checker.check_model(str(p), full_check=True)
         real = real_examples(config, 256)
         parity = check_parity(model, enc_path, dec_path, graphs, real, config.batch_size, cfg.tolerance)
+        val = validation_examples(config)
+        calibration = None if val is None else calibrate(
+            enc_path, dec_path, val, config.likelihood, cfg.calibration_k, cfg.calibration_seed).to_dict()
         manifest = build_manifest(
             name=cfg.name or f"vae-{config.data.split(':', 1)[0]}",
             files={"encoder": FileEntry.of(enc_path), "decoder": FileEntry.of(dec_path)},
@@ -188,7 +207,7 @@ def export_to(cfg: ExportConfig) -> tuple[Manifest, Path]:
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
             training={"config": config.to_dict(), "checkpoint": ckpt_path.name, "epoch": state.get("epoch"),
                       "metrics": _run_metrics(cfg.run)},
-            parity=parity)
+            parity=parity, calibration=calibration)
         write_manifest(staging, manifest)
         verify_model_dir(staging)  # the exact check a server makes before loading
         for p in staging.iterdir():
@@ -248,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         scaled = k.split(".")[1] in parity["scaled_outputs"]
         extra = f"  (gated on |diff|/max(1,|ref|) = {parity['max_scaled_diff'][k]:.3g})" if scaled else ""
         print(f"    {k:<16} max |diff| = {v:.3g}{extra}")
+    for k, v in parity["score"]["max_scaled_diff"].items():
+        print(f"    {k:<16} max |diff|/max(1,|ref|) = {v:.3g} (k={parity['score']['k']}, tolerance "
+              f"{parity['score']['tolerance']:g})")
+    cal = manifest.calibration
+    print("  calibration: " + (f"{cal.describe()}; threshold at 0.99: "
+                               + ", ".join(f"{kind} {cal.threshold(kind, 0.99):.4g}" for kind in cal.quantiles)
+                               if cal is not None else "none (the run's data could not be read)"))
     return 0
 
 

@@ -5,7 +5,7 @@ VAE_SOAK_TRACE_S seconds, from a daemon thread. Not part of the server: a diagno
 
 import os
 
-_DIR = os.environ.get("VAE_SOAK_TRACE_DIR")
+_DIR = os.environ.get("VAE_SOAK_TRACE_DIR", "")  # a str for mypy in _dump below (narrowing ends there)
 if _DIR:
     import threading
     import time

@@ -152,7 +152,7 @@ def test_the_prometheusrule_spec_is_exactly_rules_yml(rendered: Path) -> None:
 @needs_promtool
 def test_promtool_checks_and_unit_tests_the_alert_rules(rendered: Path) -> None:
     log = _validate("promtool", rendered)
-    assert "SUCCESS: 9 rules found" in log and "Unit Testing:  rules_test.yml\n  SUCCESS" in log
+    assert "SUCCESS: 11 rules found" in log and "Unit Testing:  rules_test.yml\n  SUCCESS" in log
     assert "adapter-queries.yml\n  SUCCESS: 2 rules found" in log
 
 

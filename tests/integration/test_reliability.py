@@ -219,7 +219,7 @@ def test_long_inputs_are_cut_short_in_the_error_and_stay_invalid_argument(server
         with pytest.raises(grpc.RpcError) as e:
             oip.ModelInfer(oip_pb.ModelInferRequest(model_name="m" * 20_000), timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "model_name: expected one of ['decoder', 'encoder']" in (e.value.details() or "")
+        assert "model_name: expected one of ['decoder', 'encoder', 'score']" in (e.value.details() or "")
         assert "(20,002 characters)" in (e.value.details() or "")
         vae = pb_grpc.VaeServiceStub(ch)
         with pytest.raises(grpc.RpcError) as e:

@@ -332,7 +332,8 @@ def test_models_and_versions_are_named_on_both_services_and_unknown_ones_are_not
             assert not oip.ModelReady(oip_pb.ModelReadyRequest(name="a.encoder", version="3")).ready
             for call, message in (
                     (lambda: oip.ModelInfer(oip_pb.ModelInferRequest(model_name="encoder"), timeout=10),
-                     "model_name: expected one of ['a.decoder', 'a.encoder', 'b.decoder', 'b.encoder'], got 'encoder'"),
+                     ("model_name: expected one of ['a.decoder', 'a.encoder', 'a.score', 'b.decoder', 'b.encoder', "
+                      "'b.score'], got 'encoder'")),
                     (lambda: oip.ModelInfer(oip_pb.ModelInferRequest(model_name="a.encoder", model_version="3"),
                                             timeout=10), "model_version: 'a.encoder' has versions ['1', '2'] ready"),
                     (lambda: _encode_mu(vae), "model: expected one of ['a', 'b'], got ''"),

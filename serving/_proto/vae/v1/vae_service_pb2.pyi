@@ -108,6 +108,54 @@ class DecodeResponse(_message.Message):
     x: Tensor
     def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class ScoreRequest(_message.Message):
+    __slots__ = ("x", "k", "seed", "quantile", "want_feature_scores", "kind", "model", "version")
+    X_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    WANT_FEATURE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    x: Tensor
+    k: int
+    seed: int
+    quantile: float
+    want_feature_scores: bool
+    kind: str
+    model: str
+    version: str
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., seed: _Optional[int] = ..., quantile: _Optional[float] = ..., want_feature_scores: _Optional[bool] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("score", "nll", "percentile", "is_outlier", "threshold", "feature_scores", "k", "seed", "kind", "quantile", "calibrated", "calibration")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    NLL_FIELD_NUMBER: _ClassVar[int]
+    PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    IS_OUTLIER_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    score: Tensor
+    nll: Tensor
+    percentile: Tensor
+    is_outlier: _containers.RepeatedScalarFieldContainer[bool]
+    threshold: float
+    feature_scores: Tensor
+    k: int
+    seed: int
+    kind: str
+    quantile: float
+    calibrated: bool
+    calibration: str
+    def __init__(self, score: _Optional[_Union[Tensor, _Mapping]] = ..., nll: _Optional[_Union[Tensor, _Mapping]] = ..., percentile: _Optional[_Union[Tensor, _Mapping]] = ..., is_outlier: _Optional[_Iterable[bool]] = ..., threshold: _Optional[float] = ..., feature_scores: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., seed: _Optional[int] = ..., kind: _Optional[str] = ..., quantile: _Optional[float] = ..., calibrated: _Optional[bool] = ..., calibration: _Optional[str] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -203,3 +251,21 @@ class ReconstructStreamResponse(_message.Message):
     status: Status
     response: ReconstructResponse
     def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., response: _Optional[_Union[ReconstructResponse, _Mapping]] = ...) -> None: ...
+
+class ScoreStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request: ScoreRequest
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[ScoreRequest, _Mapping]] = ...) -> None: ...
+
+class ScoreStreamResponse(_message.Message):
+    __slots__ = ("id", "status", "response")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: Status
+    response: ScoreResponse
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., response: _Optional[_Union[ScoreResponse, _Mapping]] = ...) -> None: ...
