@@ -388,6 +388,7 @@ def test_a_manifest_whose_shapes_disagree_with_the_graph_is_one_clear_line(expor
     shutil.copytree(exported_model_dir, bad)
     d = json.loads((bad / "model.json").read_text())
     d["example_shape"] = [d["example_shape"][0] + 1, *d["example_shape"][1:]]
+    d.pop("calibration", None)  # sized by example_shape too: left in, its own check would speak first
     for role, name in (("encoder", "x"), ("decoder", "x_mean"), ("decoder", "logits")):
         for spec in d[role]["inputs"] + d[role]["outputs"]:
             if spec["name"] == name:
