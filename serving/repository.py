@@ -246,8 +246,8 @@ class Repository:
 
     async def load(self, name: str, startup: bool = False) -> None:
         """Load (or reload) one model: the versions the policy picks among those on disk that verify are
-        routed to, the others drained and unloaded. ModelNotFound if it is not in the repository, or no
-        version of it can be served."""
+        routed to, the others drained and unloaded. ModelNotFound if it is not in the repository;
+        ModelLoadError if a version it tried failed and none loaded (what served before keeps serving)."""
         assert self.root is not None
         layout.check_name(name)
         async with self._lock:
@@ -255,6 +255,8 @@ class Repository:
             if not model_dir.is_dir():
                 raise ModelNotFound(f"model_name: expected one of {sorted(layout.scan(self.root))} (the "
                                     f"repository's models), got {quote(repr(name))}")
+            for key in [k for k in self._refused if k[0] == name]:  # asked for: try refused versions again
+                del self._refused[key]
             await self._sync(name, layout.versions(model_dir), required=True, startup=startup)
 
     async def unload(self, name: str) -> None:
@@ -326,13 +328,9 @@ class Repository:
                 if startup:
                     raise StartupError(f"model {name}: no version can be served ({why})")
                 raise ModelNotFound(f"model {name}: no version can be served ({quote(why, 600)})")
-            if routed and on_disk:  # every version on disk refused: what serves keeps serving
-                return
-            table_versions = {}  # the routed versions were deleted from disk: unload them, as Triton's poll does
-        if not table_versions:
-            if name in self.models:
+            if routed and not on_disk:  # its versions were deleted from disk: unload them, as Triton's poll does
                 await self._unroute(name)
-            return
+            return  # (else every version on disk was refused: what serves keeps serving)
         gone = [v for k, v in routed.items() if k not in table_versions]
         if not fresh and not gone:
             return

@@ -245,6 +245,11 @@ def test_explicit_unload_and_load_under_64_clients_answer_only_not_found_or_unav
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await oip.RepositoryModelLoad(oip_pb.RepositoryModelLoadRequest(model_name="nope"))
             assert e.value.code() == grpc.StatusCode.NOT_FOUND and "['m', 'other']" in (e.value.details() or "")
+            publish_version(repo, "m", 2, corrupt=True)  # a reload that fails: said so, version 1 keeps serving
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await oip.RepositoryModelLoad(oip_pb.RepositoryModelLoadRequest(model_name="m"))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version 2:" in (e.value.details() or "")
+            assert (await oip.ModelReady(oip_pb.ModelReadyRequest(name="m.encoder", version="1"))).ready
             await asyncio.sleep(0.3)
 
     try:
