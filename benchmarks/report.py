@@ -5,17 +5,19 @@
 The hand-written analysis (what limits each missed target, what would close it) lives in
 benchmarks/analysis.md and is included as it is; everything else here is computed from the JSON.
 `markdown` joins one function per section; the sections of the other steps come from their modules
-(workers.py, references/*.py), the training part from training_report.py, the figures from plots.py.
+(workers.py, references/*.py), the training part from training_report.py, the anomaly scores from anomaly.py (its own results/anomaly.json),
+the figures from plots.py.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import oversize, workers
+from benchmarks import anomaly, oversize, workers
 from benchmarks.harness import REPO, med
 from benchmarks.plots import plots
 from benchmarks.references import bench as references
@@ -332,12 +334,19 @@ def training_section(res: dict[str, Any]) -> list[str]:
             else f"`make demo`: not timed ({d['status']}).", ""]
 
 
+def anomaly_section() -> list[str]:
+    """Issue 27's tables, from benchmarks/results/anomaly.json (written by benchmarks/anomaly.py), when present."""
+    if not anomaly.RESULTS.is_file():
+        return []
+    return [anomaly.markdown(json.loads(anomaly.RESULTS.read_text()))]
+
+
 def markdown(res: dict[str, Any], plot_names: list[str]) -> str:
     """BENCHMARKS.md for the results `res`, listing the figures `plot_names`."""
     out = [*header_section(res), *machine_section(res), *targets_section(res), *step_sections(res),
            *included(ANALYSIS, str.strip), *serving_section(res), *null_server_section(res),
            *delay_sweep_section(res), *ort_ceiling_section(res), *startup_section(res), *profile_section(res),
-           *training_section(res), *included(IMAGE),
+           *training_section(res), *anomaly_section(), *included(IMAGE),
            "## Plots", "", *[f"- benchmarks/results/{n}" for n in plot_names], ""]
     return "\n".join(out)
 

@@ -13,7 +13,8 @@ C = 1, 8, 64 with B = 1 and C = 8 with B = 64, with batching on and with `--max-
 `--rounds` interleaved rounds (medians reported, so other load on the machine hits both modes alike);
 py-spy on the server at C = 64 when py-spy is installed; the training recipes (benchmarks/train_recipes.py:
 the pytorch/examples VAE against the defaults at the same wall-clock, MNIST and digits, about 5 minutes) and
-the training loop speed (benchmarks/train_loop.py); `make demo` wall time. The server is pinned to CPU 0 and the load generator
+the training loop speed (benchmarks/train_loop.py); the anomaly scores (benchmarks/anomaly.py: false alarms
+against the calibration, detection against the reconstruction error, Score's cost); `make demo` wall time. The server is pinned to CPU 0 and the load generator
 to CPU 1 with taskset when two CPUs exist.
 
 This module only orchestrates: the steps live in benchmarks/scenarios.py, workers.py and references/, what
@@ -83,6 +84,9 @@ def train_and_demo(skip_demo: bool) -> dict[str, Any]:
     cmd = pinned(1, [PY, "-m", "benchmarks.train_loop"])
     sh(cmd, 900)
     out["train_loop_command"] = " ".join(cmd).replace(PY, "python")
+    log("anomaly scores: false alarms, detection, Score's cost (benchmarks/anomaly.py, about 25 minutes)")
+    sh([PY, "-m", "benchmarks.anomaly"], 5400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out["anomaly_command"] = "python -m benchmarks.anomaly"
     demo = REPO / "scripts" / "demo.sh"
     if skip_demo or not demo.is_file():
         out["demo"] = {"status": "skipped" if skip_demo else "scripts/demo.sh not present"}

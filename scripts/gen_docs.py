@@ -35,7 +35,11 @@ MIB = 1024 * 1024
 LABEL_VALUES: dict[str, str] = {
     "method": "the RPC name; `http/<name>` on the HTTP port",
     "code": "gRPC status name, e.g. OK, INVALID_ARGUMENT",
-    "model": ", ".join(Metrics().models),
+    "model": ", ".join(Metrics().models) + "; with --model-repository `<vae>.<graph>`",
+    "version": "the model version; on the per-model and Score series only with --model-repository (a "
+               "--model-dir server's have no `version` label); vae_model_info: the version number, with "
+               "--model-dir the manifest's",
+    "name": "the VAE (the repository's model name; with --model-dir the manifest's)",
     "reason": ", ".join(REJECTION_REASONS),
 }
 
@@ -71,7 +75,7 @@ def flags_table() -> str:
 
 def metrics_table() -> str:
     """name | type | labels | help, one row per family a server registers (namespace `vae`)."""
-    m = Metrics()
+    m = Metrics(versioned=True)  # every label a family can have (the repository's server)
     rows = ["| name | type | labels | help |", "| --- | --- | --- | --- |"]
     for collector in m.registry._collector_to_names:
         kind = getattr(collector, "_type", None)

@@ -13,8 +13,11 @@
 #   requestcap  the request-size cap at the proxy (deploy/k8s/check_request_cap.py, each rendered overlay):
 #               every Ingress to the server carries --max-message-bytes + 64 KiB and the NetworkPolicy admits
 #               requests only through the proxy; overlays without an Ingress (the cap is optional) pass
-#   kserve      render deploy/kserve (same renderer), deploy/kserve/check_kserve.py (KServe CRD fields and
-#               wiring, by hand: no schema exists offline) and kubernetes-validate --strict of the runtime's pod
+#   kserve      render deploy/kserve and deploy/kserve/multimodel (same renderer), deploy/kserve/check_kserve.py
+#               (KServe CRD fields and wiring, TrainedModels included, by hand: no schema exists offline) and
+#               kubernetes-validate --strict of each runtime's pod
+#   repository  render deploy/k8s/examples/repository-poll (the poll-mode model repository with its CronJob),
+#               deploy/k8s/check_repository.py (its wiring) and kubernetes-validate --strict of its objects
 #   hadolint    hadolint deploy/Dockerfile
 # Rendered files go to VALIDATE_OUT (default: a fresh temporary directory). Exit status 0 = all passed.
 set -euo pipefail
@@ -93,10 +96,26 @@ step_requestcap() {
 }
 
 step_kserve() {
-  render_dir deploy/kserve "$OUT/kserve.yaml"
-  "$PY" deploy/kserve/check_kserve.py "$OUT/kserve.yaml" --out "$OUT/kserve"
   local kv; kv=$(tool kubernetes-validate)
-  for v in $KUBE_VERSIONS; do "$kv" --strict --kubernetes-version "$v" "$OUT/kserve/kserve-pod.yaml"; done
+  for dir in deploy/kserve deploy/kserve/multimodel; do
+    local name; name=$(basename "$dir")
+    render_dir "$dir" "$OUT/$name.yaml"
+    "$PY" deploy/kserve/check_kserve.py "$OUT/$name.yaml" --out "$OUT/$name"
+    for v in $KUBE_VERSIONS; do "$kv" --strict --kubernetes-version "$v" "$OUT/$name/kserve-pod.yaml"; done
+  done
+}
+
+step_repository() {
+  local f=$OUT/repository-poll.yaml kv; kv=$(tool kubernetes-validate)
+  render_dir deploy/k8s/examples/repository-poll "$f"
+  "$PY" deploy/k8s/check_repository.py "$f"
+  "$PY" - "$f" "${f%.yaml}.builtin.yaml" <<'PYEOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+builtin = [d for d in docs if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+open(sys.argv[2], "w").write(yaml.safe_dump_all(builtin, sort_keys=False))
+PYEOF
+  for v in $KUBE_VERSIONS; do "$kv" --strict --kubernetes-version "$v" "${f%.yaml}.builtin.yaml"; done
 }
 
 step_hadolint() {
@@ -105,7 +124,7 @@ step_hadolint() {
   echo "hadolint: deploy/Dockerfile clean ($("$hl" --version))"
 }
 
-steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(render kubernetes monitoring promtool requestcap kserve hadolint)
+steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(render kubernetes monitoring promtool requestcap kserve repository hadolint)
 for s in "${steps[@]}"; do
   declare -F "step_$s" >/dev/null || { echo "validate_deploy: unknown step $s" >&2; exit 2; }
   echo "== $s"

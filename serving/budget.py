@@ -28,6 +28,7 @@ Content-Length before reading it, and counts chunked bodies as they arrive.
 from __future__ import annotations
 
 from contextvars import ContextVar
+from typing import Protocol
 
 from serving.errors import MemoryBusy
 
@@ -35,14 +36,28 @@ REQUEST_COPIES = 3
 RESPONSE_COPIES = 3
 
 
-class Lease:
-    """The bytes one RPC holds; released together when it ends."""
+class Pinned(Protocol):
+    """Something a request keeps in use until it ends (a model version: `serving.repository`)."""
 
-    __slots__ = ("budget", "held")
+    def unpin(self) -> None: ...
+
+
+class Lease:
+    """The bytes one RPC holds, and the model versions it uses; released together when it ends."""
+
+    __slots__ = ("budget", "held", "pins")
 
     def __init__(self, budget: InflightBudget) -> None:
         self.budget = budget
         self.held = 0
+        self.pins: list[Pinned] | None = None
+
+    def pin(self, item: Pinned) -> None:
+        """Keep `item` in use until this lease is released (the caller has counted it in)."""
+        if self.pins is None:
+            self.pins = [item]
+        else:
+            self.pins.append(item)
 
     def reserve(self, nbytes: int, what: str) -> None:
         self.budget.take(nbytes, what, alone=self.held == self.budget.used)
@@ -51,6 +66,11 @@ class Lease:
     def release(self) -> None:
         self.budget.used -= self.held
         self.held = 0
+        pins = self.pins
+        if pins is not None:
+            self.pins = None
+            for item in pins:
+                item.unpin()
 
 
 class InflightBudget:

@@ -6,6 +6,7 @@
     python -m serving.client --target localhost:50051 reconstruct --input x.npy --png recon.png
     python -m serving.client --target localhost:50051 decode --input z.npy [--png decoded.png]
     python -m serving.client --target localhost:50051 encode --input x.npy --stream-rows 1
+    python -m serving.client --target localhost:50051 score --input x.npy [--k 16] [--quantile 0.99] --png top.png
 
 `--stream-rows N` (encode, decode, reconstruct) sends the input as N-row messages on one bidirectional
 stream (EncodeStream, ...) instead of one unary call; in Python, `VaeClient.encode_stream(xs)` and its
@@ -34,6 +35,7 @@ from google.protobuf.json_format import MessageToDict
 
 from serving._proto.vae.v1 import vae_service_pb2 as pb
 from serving._proto.vae.v1 import vae_service_pb2_grpc as pb_grpc
+from serving.scoreview import save_heatmaps, score_table, summary
 from serving.tensors import F32, from_tensor, to_tensor
 
 
@@ -58,6 +60,23 @@ class Reconstructed:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """Score's answer (serving.detector.ScoreResult, over the wire)."""
+
+    score: np.ndarray                  # (N,) the `kind` score, nats
+    nll: np.ndarray                    # (N,) importance-weighted -log p(x), nats
+    percentile: np.ndarray | None      # (N,) in [0, 100]; None when not calibrated
+    is_outlier: np.ndarray | None      # (N,) bool; None when not calibrated
+    threshold: float                   # NaN when not calibrated
+    feature_scores: np.ndarray | None  # (N, *example_shape), when asked
+    k: int
+    seed: int
+    kind: str
+    quantile: float
+    calibration: str
+
+
+@dataclass(frozen=True)
 class StreamError:
     """A stream message the server answered with an error (the unary call would have had this status)."""
 
@@ -73,13 +92,17 @@ class VaeClient:
     """Blocking client; every call takes an optional timeout in seconds (a gRPC deadline)."""
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 * 1024 * 1024,
+                 model: str = "", version: str = "") -> None:
+        """`model`, `version`: which model of a model repository every call goes to (empty: the only
+        model loaded, its newest version)."""
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         self.channel = (grpc.secure_channel(target, credentials, options) if credentials
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.VaeServiceStub(self.channel)
         self.timeout_s = timeout_s
+        self.model, self.version = model, version
 
     def close(self) -> None:
         self.channel.close()
@@ -92,7 +115,7 @@ class VaeClient:
 
     def info(self) -> dict[str, Any]:
         """Model facts: shapes, latent_dim, likelihood, version, providers, batching settings."""
-        resp = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+        resp = self.stub.GetModelInfo(pb.GetModelInfoRequest(model=self.model, version=self.version), timeout=self.timeout_s)
         d = MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         d.pop("manifest_json", None)
         for k in ("latent_dim", "max_batch_size", "max_queue_delay_us", "max_queue_rows", "max_sample_count"):
@@ -103,27 +126,45 @@ class VaeClient:
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x (N, *example_shape) -> mu (N, d), var (N, d)."""
-        r = self.stub.Encode(pb.EncodeRequest(x=to_tensor(x)), timeout=self.timeout_s)
+        r = self.stub.Encode(pb.EncodeRequest(x=to_tensor(x), model=self.model, version=self.version), timeout=self.timeout_s)
         return from_tensor(r.mu), from_tensor(r.var)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """z (N, d) -> x_mean (N, *example_shape)."""
-        return from_tensor(self.stub.Decode(pb.DecodeRequest(z=to_tensor(z)), timeout=self.timeout_s).x)
+        return from_tensor(self.stub.Decode(pb.DecodeRequest(z=to_tensor(z), model=self.model, version=self.version), timeout=self.timeout_s).x)
 
     def sample(self, count: int, seed: int | None = None, temperature: float | None = None,
                return_z: bool = False) -> Sampled:
         """count samples of x from z ~ N(0, temperature^2 I); the same seed gives the same samples."""
-        req = pb.SampleRequest(count=count, seed=seed, temperature=temperature, return_z=return_z)
+        req = pb.SampleRequest(count=count, seed=seed, temperature=temperature, return_z=return_z,
+                               model=self.model, version=self.version)
         r = self.stub.Sample(req, timeout=self.timeout_s)
         return Sampled(x=from_tensor(r.x), z=from_tensor(r.z) if return_z else None, seed=r.seed)
 
     def reconstruct(self, x: np.ndarray, use_mean: bool = True, seed: int | None = None) -> Reconstructed:
         """x (N, *example_shape) -> x_hat and per-example ELBO terms."""
-        req = pb.ReconstructRequest(x=to_tensor(x), use_mean=use_mean, seed=seed)
+        req = pb.ReconstructRequest(x=to_tensor(x), use_mean=use_mean, seed=seed, model=self.model,
+                                    version=self.version)
         r = self.stub.Reconstruct(req, timeout=self.timeout_s)
         return Reconstructed(x_hat=from_tensor(r.x_hat), recon_log_lik=from_tensor(r.recon_log_lik),
                              kl=from_tensor(r.kl), seed=r.seed)
 
+    def score(self, x: np.ndarray, k: int | None = None, seed: int | None = None, quantile: float | None = None,
+              kind: str = "", want_feature_scores: bool = False) -> Scored:
+        """x (N, *example_shape) -> anomaly scores (server defaults for what is None or empty)."""
+        req = pb.ScoreRequest(x=to_tensor(x), k=k, seed=seed, quantile=quantile, kind=kind,
+                              want_feature_scores=want_feature_scores, model=self.model, version=self.version)
+        return _scored(self.stub.Score(req, timeout=self.timeout_s))
+
+    def score_stream(self, xs: Iterable[np.ndarray], seed: int | None = None, k: int | None = None,
+                     max_inflight: int = 64, timeout_s: float | None = None
+                     ) -> Iterator[tuple[int, Scored | StreamError]]:
+        """Each x (N_i, *example_shape) as one ScoreStream message -> (i, Scored or StreamError), as answers
+        arrive."""
+        return self._stream("ScoreStream", pb.ScoreStreamRequest,
+                            lambda x: pb.ScoreRequest(x=to_tensor(x), seed=seed, k=k, model=self.model,
+                                                      version=self.version), _scored, xs, max_inflight,
+                            timeout_s)
 
     # -- streams: many messages, one call ------------------------------------------------------------
 
@@ -133,13 +174,13 @@ class VaeClient:
         as the answers arrive (in any order); at most `max_inflight` messages unanswered at once.
         `timeout_s` is the whole stream's deadline (default: the client's)."""
         return self._stream("EncodeStream", pb.EncodeStreamRequest,
-                            lambda x: pb.EncodeRequest(x=to_tensor(x)),
+                            lambda x: pb.EncodeRequest(x=to_tensor(x), model=self.model, version=self.version),
                             lambda r: (from_tensor(r.mu), from_tensor(r.var)), xs, max_inflight, timeout_s)
 
     def decode_stream(self, zs: Iterable[np.ndarray], max_inflight: int = 64, timeout_s: float | None = None
                       ) -> Iterator[tuple[int, np.ndarray | StreamError]]:
         """Each z (N_i, d) as one DecodeStream message -> (i, x_mean or StreamError), as answers arrive."""
-        return self._stream("DecodeStream", pb.DecodeStreamRequest, lambda z: pb.DecodeRequest(z=to_tensor(z)),
+        return self._stream("DecodeStream", pb.DecodeStreamRequest, lambda z: pb.DecodeRequest(z=to_tensor(z), model=self.model, version=self.version),
                             lambda r: from_tensor(r.x), zs, max_inflight, timeout_s)
 
     def reconstruct_stream(self, xs: Iterable[np.ndarray], max_inflight: int = 64, timeout_s: float | None = None
@@ -147,7 +188,7 @@ class VaeClient:
         """Each x (N_i, *example_shape) as one ReconstructStream message (z = mu) -> (i, Reconstructed or
         StreamError), as answers arrive."""
         return self._stream("ReconstructStream", pb.ReconstructStreamRequest,
-                            lambda x: pb.ReconstructRequest(x=to_tensor(x)),
+                            lambda x: pb.ReconstructRequest(x=to_tensor(x), model=self.model, version=self.version),
                             lambda r: Reconstructed(x_hat=from_tensor(r.x_hat), recon_log_lik=from_tensor(r.recon_log_lik),
                                                     kl=from_tensor(r.kl), seed=r.seed),
                             xs, max_inflight, timeout_s)
@@ -176,6 +217,14 @@ class VaeClient:
         finally:
             ended.set()
             call.cancel()
+
+
+def _scored(r: pb.ScoreResponse) -> Scored:
+    return Scored(score=from_tensor(r.score), nll=from_tensor(r.nll),
+                  percentile=from_tensor(r.percentile) if r.calibrated else None,
+                  is_outlier=np.array(r.is_outlier, dtype=bool) if r.calibrated else None, threshold=r.threshold,
+                  feature_scores=from_tensor(r.feature_scores) if r.HasField("feature_scores") else None,
+                  k=r.k, seed=r.seed, kind=r.kind, quantile=r.quantile, calibration=r.calibration)
 
 
 def in_order(answers: Iterable[tuple[int, Any]]) -> list[Any]:
@@ -255,6 +304,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="localhost:50051", help="server host:port (default %(default)s)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="deadline per call (default %(default)s)")
+    p.add_argument("--model", default="", help="model of a model repository (default: the only one loaded)")
+    p.add_argument("--version", default="", help="its version (default: the newest ready one)")
     p.add_argument("--stream-rows", type=int, default=0,
                    help="encode/decode/reconstruct: send the input as messages of this many rows on one "
                         "bidirectional stream (0 = one unary call; default %(default)s)")
@@ -278,6 +329,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--input", type=Path, required=True,
                    help=".npy of z (N, latent_dim), or an .npz from `encode --output` (decodes its mu)")
     d.add_argument("--png", type=Path, help="write the decoded examples as a PNG grid here")
+    c = sub.add_parser("score", help="anomaly scores of examples: a table, and a PNG of the most anomalous")
+    c.add_argument("--input", type=Path, required=True, help=".npy of examples in model space")
+    c.add_argument("--k", type=int, help="importance samples per example (default: the calibrated k)")
+    c.add_argument("--seed", type=int, help="seed of eps (default: the server picks one and returns it)")
+    c.add_argument("--quantile", type=float, help="flag scores over this calibration quantile (default: the "
+                                                  "server's --outlier-quantile)")
+    c.add_argument("--kind", default="", help="nll or feature-z (default: the server's default)")
+    c.add_argument("--png", type=Path, help="image models: write the most anomalous inputs over their "
+                                            "per-feature heat maps here")
+    c.add_argument("--top", type=int, default=8, help="inputs in the PNG (default %(default)s)")
     return p
 
 
@@ -295,7 +356,7 @@ def _load_z(path: Path) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = sys.stdout
-    with VaeClient(args.target, timeout_s=args.timeout_s) as client:
+    with VaeClient(args.target, timeout_s=args.timeout_s, model=args.model, version=args.version) as client:
         try:
             if args.command == "info":
                 out.write(json.dumps({k: v for k, v in client.info().items() if k != "manifest"}, indent=2) + "\n")
@@ -351,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     save_grid(to_raw(x, info["manifest"].get("normalization", {})), info["example_shape"],
                               args.png)
                 out.write(json.dumps({"n": int(x.shape[0]), "png": str(args.png) if args.png else None}) + "\n")
+            elif args.command == "score":
+                _score(client, args, out)
         except grpc.RpcError as e:
             sys.stderr.write(f"{args.command}: {e.code().name}: {e.details()}\n")
             return 1
@@ -358,6 +421,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"{args.command}: {e}\n")
             return 1
     return 0
+
+
+def _score(client: VaeClient, args: argparse.Namespace, out: Any) -> None:
+    x = np.load(args.input).astype(F32)
+    info = client.info() if args.png else None
+    layout = image_layout(info["example_shape"]) if info is not None else None
+    if info is not None and layout is None:
+        raise SystemExit(f"--png: examples of shape {tuple(info['example_shape'])} are not images")
+    r = client.score(x, k=args.k, seed=args.seed, quantile=args.quantile, kind=args.kind,
+                     want_feature_scores=args.png is not None)
+    out.write(score_table(r.score, r.nll, r.percentile, r.is_outlier, r.kind) + "\n")
+    shown = None
+    if info is not None and layout is not None and r.feature_scores is not None:
+        raw = to_raw(x, info["manifest"].get("normalization", {}))
+        shown = save_heatmaps(raw, r.feature_scores, r.score, layout, args.png, top=args.top)
+    flagged = int(r.is_outlier.sum()) if r.is_outlier is not None else None
+    out.write(json.dumps(summary(int(x.shape[0]), r.kind, r.k, r.seed, r.quantile, r.threshold, r.calibration,
+                                 flagged, shown, args.png)) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from serving.layout import LayoutError, VersionPolicy
+
 PROVIDER_CHOICES: tuple[str, ...] = ("auto", "cuda", "cpu")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ENV_PREFIX = "VAE_SERVE_"
@@ -29,6 +31,9 @@ RENAMED_FLAGS: dict[str, str] = {"--metrics-port": "--http-port", "--metrics-hos
 
 
 GRPC_FRONTENDS = ("auto", "native", "grpcio")
+# Triton's model control modes (serving/repository.py): none = what is there at start-up, poll = rescanned every
+# --repository-poll-s, explicit = the Open Inference Protocol's repository extension loads and unloads.
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 # Where prometheus-client's multiprocess mode keeps the workers' samples (--workers); it must be set before
 # prometheus_client is first imported. Here, not in workers.py or metrics.py, so neither imports the other.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -43,6 +48,11 @@ class ServeConfig:
     """Everything `python -m serving` needs. Validated on construction."""
 
     model_dir: Path = Path("exported")
+    model_repository: Path | None = None
+    model_control: str = "none"
+    repository_poll_s: float = 10.0
+    version_policy: str = "latest:1"
+    load_model: str = ""
     host: str = "0.0.0.0"
     port: int = 50051
     http_port: int = 8080
@@ -57,6 +67,8 @@ class ServeConfig:
     max_queue_delay_us: int = 500
     max_queue_rows: int = 16384
     max_sample_count: int = 4096
+    outlier_quantile: float = 0.99
+    max_score_k: int = 256
     max_message_bytes: int = 16 * 1024 * 1024
     max_inflight_bytes: int = 256 * 1024 * 1024
     max_stream_inflight: int = 64
@@ -87,6 +99,9 @@ class ServeConfig:
             ("max_queue_rows", self.max_queue_rows >= self.max_batch_size,
              f"an integer >= max_batch_size ({self.max_batch_size})"),
             ("max_sample_count", self.max_sample_count >= 1, "an integer >= 1"),
+            ("outlier_quantile", 0.0 < self.outlier_quantile < 1.0, "a number in (0, 1), e.g. 0.99"),
+            ("max_score_k", 1 <= self.max_score_k <= self.max_queue_rows,
+             f"an integer from 1 to max_queue_rows ({self.max_queue_rows})"),
             ("max_message_bytes", self.max_message_bytes >= 1024, "an integer >= 1024"),
             ("max_inflight_bytes", self.max_inflight_bytes >= 0, "an integer >= 0 (0 = no limit)"),
             ("max_stream_inflight", self.max_stream_inflight >= 1, "an integer >= 1"),
@@ -97,6 +112,15 @@ class ServeConfig:
             ("http_tls", not self.http_tls or self.tls_cert is not None,
              "only with --tls-cert and --tls-key (the HTTP port uses the same files)"),
             ("log_level", self.log_level in LOG_LEVELS, f"one of {LOG_LEVELS}"),
+            ("model_control", self.model_control in MODEL_CONTROL_MODES, f"one of {MODEL_CONTROL_MODES}"),
+            ("model_control", self.model_control == "none" or self.model_repository is not None,
+             "none without --model-repository (--model-dir serves one export as it is)"),
+            ("model_control", self.model_control != "explicit" or self.workers == 1,
+             ("poll or none with --workers other than 1 (a load or unload would reach one worker only; "
+              "run one worker per pod and scale pods)")),
+            ("repository_poll_s", self.repository_poll_s > 0, "a number > 0 (seconds)"),
+            ("load_model", not self.load_model or self.model_control == "explicit",
+             "empty unless --model-control explicit (the other modes load every model)"),
             ("grpc_frontend", self.grpc_frontend in GRPC_FRONTENDS, f"one of {GRPC_FRONTENDS}"),
             ("grpc_frontend", not (self.grpc_frontend == "native" and self.tls_cert is not None),
              ("grpcio or auto with --tls-cert (pygrpc-native 0.5.0 has no TLS; --grpc-frontend native and "
@@ -110,6 +134,10 @@ class ServeConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{name.replace('_', '-')}: expected {expected}, got {getattr(self, name)!r}")
+        try:
+            VersionPolicy.parse(self.version_policy)
+        except LayoutError as e:
+            raise ConfigError(f"version-policy: {e}") from None
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -201,7 +229,17 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             help_ += f" (formerly {old}, still accepted)"
         p.add_argument(*flags, dest=name, type=typ, default=default, help=help_, **kw)  # type: ignore[arg-type]
 
-    add("--model-dir", Path, "exported model directory (model.json, encoder.onnx, decoder.onnx)")
+    add("--model-dir", Path, "exported model directory (model.json, encoder.onnx, decoder.onnx), served as a "
+                             "one-model repository; not read when --model-repository is given")
+    add("--model-repository", _opt_path, "model repository: DIR/<name>/<version>/ each one export, versions "
+                                         "positive integers (serving/repository.py); empty = serve --model-dir")
+    add("--model-control", str, "none: load the repository at start-up; poll: also rescan it every "
+                                "--repository-poll-s (new versions verified, warmed, then routed to); explicit: "
+                                "the repository extension (/v2/repository, RepositoryModelLoad/Unload) loads "
+                                "and unloads", choices=MODEL_CONTROL_MODES)
+    add("--repository-poll-s", float, "poll mode: seconds between rescans of the repository")
+    add("--version-policy", str, "versions of each model served: latest:N, all, or specific:V[,V...]")
+    add("--load-model", str, "explicit mode: models to load at start-up, comma-separated (* = all)")
     add("--host", str, "address to bind for gRPC and HTTP")
     add("--port", int, "gRPC port; 0 = any free port (see --ready-file)")
     add("--http-port", int, "HTTP port: the Open Inference Protocol REST API (/v2/...), its health "
@@ -223,6 +261,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--max-queue-delay-us", int, "longest a queued row waits for a batch to fill once the runner is free")
     add("--max-queue-rows", int, "queued rows per model before RESOURCE_EXHAUSTED")
     add("--max-sample-count", int, "largest Sample count")
+    add("--outlier-quantile", float, "Score: the calibration quantile above which an example is flagged an "
+                                     "outlier (0.99 flags about 1% of data like the model's validation split); "
+                                     "a request may ask for another")
+    add("--max-score-k", int, "Score: most importance samples per example (k); k x rows decoder rows must also "
+                              "fit in --max-queue-rows")
     add("--max-message-bytes", int, "largest gRPC message received or sent")
     add("--max-inflight-bytes", int, "budget of request and response bytes (times the copies each needs) "
                                      "held by RPCs at once; over it, RESOURCE_EXHAUSTED (0 = no limit)")

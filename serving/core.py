@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from serving.batcher import Batcher, Outputs
 from serving.budget import RESPONSE_COPIES, Lease, current_lease
 from serving.config import ServeConfig
 from serving.errors import InvalidInput, ResponseTooLarge
-from serving.metrics import Metrics
+from serving.metrics import Metrics, ModelMetrics
 from serving.runtime import CPU, LoadedModel
 from serving.tensors import F32, all_finite
 
@@ -59,6 +59,15 @@ class Work:
         return self.finish(await self.batcher.submit(self.x, deadline))
 
 
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A request of several batcher runs one after another (Score: the encoder, then the decoder on k x N
+    rows), where an adapter would otherwise hand back one `Work`: `run(deadline)` gives the answer. The native
+    front end runs it as a task; the asynchronous adapters await `run` as they would a Work's."""
+
+    run: Callable[[float | None], Awaitable[Any]]
+
+
 @dataclass(frozen=True)
 class Reconstruction:
     x_hat: np.ndarray          # (N, *example_shape) decoder mean at z
@@ -74,7 +83,10 @@ def _shape_str(shape: Sequence[int]) -> str:
 class VaeCore:
     """Owns one batcher per model and the operations both protocols expose."""
 
-    def __init__(self, model: LoadedModel, config: ServeConfig, metrics: Metrics) -> None:
+    def __init__(self, model: LoadedModel, config: ServeConfig, metrics: Metrics,
+                 graph_metrics: Mapping[str, ModelMetrics] | None = None) -> None:
+        """`graph_metrics`: each graph's metric children (default: the one-model server's, by graph name)."""
+        graph_metrics = metrics.models if graph_metrics is None else graph_metrics
         self.model = model
         self.manifest = model.manifest
         self.graphs = self.manifest.graphs  # the tensor contract: every input and output, from the manifest
@@ -83,7 +95,6 @@ class VaeCore:
         self.example_shape: tuple[int, ...] = tuple(self.manifest.example_shape)
         self.latent_dim = self.manifest.latent_dim
         self.max_rows = config.max_queue_rows
-        self.ready = False  # set by the server once both models are loaded, warmed up and serving
         inline_rows = (config.max_batch_size if config.frontend == "native" else INLINE_ROWS_CPU) \
             if model.providers == [CPU] else 0
         # Past ~32 rows ONNX Runtime's cost per row on the CPU is flat (benchmarks.ort_ceiling), so there a
@@ -94,7 +105,7 @@ class VaeCore:
         self.batchers = {
             runner.name: Batcher(runner, max_batch_size=config.max_batch_size,
                                  max_queue_delay_us=config.max_queue_delay_us, max_queue_rows=config.max_queue_rows,
-                                 metrics=metrics.models[runner.name], inline_rows=inline_rows,
+                                 metrics=graph_metrics[runner.name], inline_rows=inline_rows,
                                  preferred_batch_size=preferred)
             for runner in (model.encoder, model.decoder)}
         self.encoder, self.decoder = self.batchers["encoder"], self.batchers["decoder"]
@@ -119,6 +130,12 @@ class VaeCore:
     async def close(self) -> None:
         for b in self.batchers.values():
             await b.close()
+
+    async def unload(self) -> None:
+        """Close the batchers and free the ONNX Runtime sessions (an unloaded model version)."""
+        await self.close()
+        self.model.encoder.release()
+        self.model.decoder.release()
 
     # -- validation at the edge ---------------------------------------------------------------
 

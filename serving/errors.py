@@ -8,6 +8,9 @@
     ├── DeadlineExpired          DEADLINE_EXCEEDED: the deadline passed while the request queued
     ├── ShuttingDown             UNAVAILABLE: the server is draining
     ├── NotFound                 NOT_FOUND: no such thing to answer about (a health service name)
+    │   └── ModelNotFound        NOT_FOUND: no such model or version loaded (the message lists those that are)
+    ├── ModelLoadError           INVALID_ARGUMENT: a repository load found no version that verifies and loads
+    ├── ExtensionOff             UNIMPLEMENTED: the repository extension without --model-control explicit
     ├── RequestTooLarge          RESOURCE_EXHAUSTED: the request is over --max-message-bytes (native front)
     ├── TooManyRpcs              RESOURCE_EXHAUSTED: --max-concurrent-rpcs calls are in flight (native front)
     └── StartupError             not an RPC error: the server refuses to start (bad model, providers)
@@ -87,6 +90,20 @@ class NotFound(ServeError):
     """The request names something the server does not have (a health service name)."""
 
 
+class ModelNotFound(NotFound):
+    """The request names a model, or a version of one, that is not loaded; the message says what is."""
+
+
+class ModelLoadError(ServeError):
+    """An explicit load (the repository extension) found no version of the model that verifies and loads;
+    the message gives each version's reason."""
+
+
+class ExtensionOff(ServeError):
+    """A call of the model repository extension to a server that does not run it (--model-control is not
+    explicit)."""
+
+
 class RequestTooLarge(ServeError):
     """The request is larger than --max-message-bytes: refused before it is parsed."""
 
@@ -119,6 +136,9 @@ STATUS_TABLE: dict[type[ServeError], Status] = {
     DeadlineExpired: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     ShuttingDown: Status(grpc.StatusCode.UNAVAILABLE, 503, 1),
     NotFound: Status(grpc.StatusCode.NOT_FOUND, 404),
+    ModelNotFound: Status(grpc.StatusCode.NOT_FOUND, 404),
+    ModelLoadError: Status(grpc.StatusCode.INVALID_ARGUMENT, 400),
+    ExtensionOff: Status(grpc.StatusCode.UNIMPLEMENTED, 404),
     RequestTooLarge: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
     TooManyRpcs: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, 1),
 }

@@ -8,6 +8,9 @@ Prometheus `/metrics`, served by aiohttp on the event loop the gRPC server runs 
     GET  /v2/models/{model}[/versions/{v}]           model metadata (the manifest's tensors)
     GET  /v2/models/{model}[/versions/{v}]/ready     200 / 503, as above
     POST /v2/models/{model}[/versions/{v}]/infer     inference: JSON tensors, or the binary tensor extension
+    POST /v2/repository/index                        the repository extension (Triton's), on only with
+    POST /v2/repository/models/{model}/load          --model-control explicit (else 404 saying so):
+    POST /v2/repository/models/{model}/unload        index [{name, version, state, reason}], load, unload
     GET  /metrics                                    Prometheus exposition (text format)
 
 `HEAD` is answered wherever `GET` is. Requests go through the same data plane as gRPC (`serving.dataplane`:
@@ -46,7 +49,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from serving.budget import REQUEST_COPIES, current_lease
-from serving.dataplane import FP32, MODEL_VERSION, DataPlane
+from serving.dataplane import FP32, DataPlane
+from serving.detector import OIP_MODEL
 from serving.errors import GRPC_BY_HTTP, InvalidInput, ResponseTooLarge, ShuttingDown, quote
 from serving.jsoncodec import JsonPool, Problem, encode_response, field, parse_request, shown, timeout_of
 from serving.scope import RequestScope
@@ -92,7 +96,7 @@ class HttpServer:
 
     def __init__(self, plane: DataPlane, registry: CollectorRegistry,
                  ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
-        self.core = plane.core
+        self.repo = plane.repo
         self.oip = plane.oip
         self.metrics = metrics = plane.metrics
         self.registry = registry
@@ -110,9 +114,9 @@ class HttpServer:
         self._server: asyncio.AbstractServer | None = None
         m = metrics.method_metrics
         self._mm = {name: m("http/" + name) for name in (
-            "ServerMetadata", "ServerLive", "ServerReady", "ModelMetadata", "ModelReady", "ModelInfer")}
+            "ServerMetadata", "ServerLive", "ServerReady", "ModelMetadata", "ModelReady", "ModelInfer",
+            "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")}
         self._server_metadata = orjson.dumps(self.oip.server_metadata)
-        self._model_metadata = {n: orjson.dumps(v) for n, v in self.oip.metadata.items()}
 
     async def start(self) -> int:
         """Bind and listen; the port bound (for port 0)."""
@@ -169,7 +173,7 @@ class HttpServer:
         route = self._route(parts)
         if route is None:
             return _json({"error": f"{quote(path)}: not found; the REST API is under /v2 (see /v2/models/"
-                                   f"{{{'|'.join(self.oip.models)}}}), metrics under /metrics"}, 404)
+                                   f"{{{'|'.join(sorted(self.repo.oip_names()))}}}), metrics under /metrics"}, 404)
         name, method, handler = route
         if request.method != method and not (method == "GET" and request.method == "HEAD"):
             allow = "GET, HEAD" if method == "GET" else method
@@ -215,6 +219,11 @@ class HttpServer:
             return "ServerLive", "GET", self._live
         if rest == ["health", "ready"]:
             return "ServerReady", "GET", self._ready
+        if rest == ["repository", "index"]:
+            return "RepositoryIndex", "POST", self._repository_index
+        if len(rest) == 4 and rest[:2] == ["repository", "models"] and rest[2] and rest[3] in ("load", "unload"):
+            return ("RepositoryModelLoad", "POST", self._load) if rest[3] == "load" else \
+                ("RepositoryModelUnload", "POST", self._unload)
         if rest[0] != "models" or len(rest) < 2 or not rest[1]:
             return None
         tail = rest[2:]
@@ -244,13 +253,44 @@ class HttpServer:
         return _json({"live": True})
 
     async def _ready(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
-        ready = self.core.ready
+        ready = self.repo.ready
         return _json({"ready": ready}, 200 if ready else 503)
 
     async def _model_meta(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
         name, version = self._model_version(parts)
-        self.oip.model(name, version)
-        return web.Response(body=self._model_metadata[name], content_type=JSON_TYPE)
+        return web.Response(body=orjson.dumps(self.oip.metadata(name, version)), content_type=JSON_TYPE)
+
+    # -- the repository extension (on only with --model-control explicit; else 404 saying so) ----------
+
+    async def _repository_body(self, request: web.BaseRequest) -> dict[str, Any]:
+        if not request.can_read_body:  # tritonclient's index request has an empty body
+            return {}
+        body = await self._read_body(request, REQUEST_COPIES)
+        if not body.strip():
+            return {}
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            req = None
+        if not isinstance(req, dict):
+            raise InvalidInput("body", "a JSON object (or nothing)", f"{len(body)} bytes that are not one")
+        return req
+
+    async def _repository_index(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
+        req = await self._repository_body(request)
+        ready = field(req, "ready", bool, "ready", "true or false", None, False)
+        name = field(req, "repository_name", str, "repository_name", "a string", None, "")
+        return _json(self.oip.repository_index(name, ready))
+
+    async def _load(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
+        req = await self._repository_body(request)
+        await self.oip.load("", parts[4], field(req, "parameters", dict, "parameters", "an object", None, {}))
+        return web.Response(status=200)  # Triton's answer: 200, empty body
+
+    async def _unload(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
+        req = await self._repository_body(request)
+        await self.oip.unload("", parts[4], field(req, "parameters", dict, "parameters", "an object", None, {}))
+        return web.Response(status=200)
 
     async def _model_ready(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
         name, version = self._model_version(parts)
@@ -292,7 +332,7 @@ class HttpServer:
     async def _infer(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
         name, version = self._model_version(parts)
         oip = self.oip
-        spec = oip.model(name, version)
+        v, graph, spec = oip.model(name, version)
         header_len_raw = request.headers.get(HEADER_LENGTH)
         body = await self._read_body(request, REQUEST_COPIES if header_len_raw is not None else JSON_REQUEST_COPIES)
         if header_len_raw is not None:
@@ -349,7 +389,11 @@ class HttpServer:
         outputs = field(req, "outputs", list, "outputs", "a list of {name, parameters}", name, [])
         if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
             raise InvalidInput("outputs", "a list of objects with a name", shown(outputs), name)
-        work, wanted = oip.infer_work(name, spec, where, shape, data, [o["name"] for o in outputs])
+        requested = [o["name"] for o in outputs]
+        if graph == OIP_MODEL:
+            wanted = oip.outputs(v, graph, name, requested)
+        else:
+            work, wanted = oip.infer_work(v, graph, name, where, shape, data, requested)
         all_binary = field(params, "binary_data_output", bool, "parameters.binary_data_output", "true or false",
                             name, False)
         as_binary = {n: all_binary for n in wanted}
@@ -357,16 +401,23 @@ class HttpServer:
             op = field(o, "parameters", dict, f"outputs[{o['name']!r}].parameters", "an object", name, {})
             as_binary[o["name"]] = field(op, "binary_data", bool, f"outputs[{o['name']!r}].parameters.binary_data",
                                           "true or false", name, all_binary)
+        deadline = self._deadline(request, params, name)
+        if graph == OIP_MODEL:
+            scored, result = await oip.score(v, name, where, shape, data, requested, params, deadline)
+            del body, head, binary, data
+            return await self._answer(req, name, v.label, wanted, as_binary, dict(scored),
+                                      oip.score_parameters(result))
         del body, head, binary, data
-        results = await work.run(self._deadline(request, params, name))
-        return await self._answer(req, name, wanted, as_binary, results)
+        results = await work.run(deadline)
+        return await self._answer(req, name, v.label, wanted, as_binary, results)
 
     def _deadline(self, request: web.BaseRequest, params: dict[str, Any], model: str) -> float | None:
         timeout_s = timeout_of(params, request.headers.get(TIMEOUT_HEADER), TIMEOUT_HEADER, model)
         return None if timeout_s is None else time.monotonic() + timeout_s  # the batcher's clock
 
-    async def _answer(self, req: dict[str, Any], model: str, wanted: list[str], as_binary: dict[str, bool],
-                      results: dict[str, np.ndarray]) -> web.Response:
+    async def _answer(self, req: dict[str, Any], model: str, version: str, wanted: list[str],
+                      as_binary: dict[str, bool], results: dict[str, np.ndarray],
+                      parameters: dict[str, Any] | None = None) -> web.Response:
         out_meta: list[dict[str, Any]] = []
         blobs: list[bytes] = []
         json_floats = 0
@@ -381,9 +432,11 @@ class HttpServer:
                 meta["data"] = a
                 json_floats += a.size
             out_meta.append(meta)
-        resp: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
+        resp: dict[str, Any] = {"model_name": model, "model_version": version}
         if isinstance(req.get("id"), str) and req["id"]:
             resp["id"] = req["id"]
+        if parameters is not None:
+            resp["parameters"] = parameters
         resp["outputs"] = out_meta
         if json_floats > JSON_INLINE_FLOATS:
             head = await asyncio.get_running_loop().run_in_executor(self._json.executor(), encode_response, resp)

@@ -2,8 +2,8 @@
 
 The one writer and the one reader of model.json: `training.export` builds and writes it with
 `build_manifest` / `write_manifest`, and `python -m serving` reads it with `verify_model_dir` (refusing to
-load a model whose files do not match it). Imports nothing heavier than the standard library: no torch,
-no ORT.
+load a model whose files do not match it). Imports nothing heavier than numpy (the calibration tables,
+`serving.scoring`): no torch, no ORT.
 
 Schema version 1, the keys that matter to a reader:
 
@@ -19,6 +19,8 @@ Schema version 1, the keys that matter to a reader:
     encoder/decoder  {"inputs": [TensorSpec], "outputs": [TensorSpec]}; TensorSpec = {name, dtype,
                      shape} with -1 for the dynamic batch dimension
     opset, created_at, versions {torch, onnx, onnxruntime}, training {config, metrics}, parity {...}
+    calibration      optional (exports before issue 27 have none): the anomaly scores' distribution on the
+                     run's validation split, `serving.scoring.Calibration`; a malformed one is refused
 
 The graph contract (which tensors each graph takes and gives, and their shapes) is written once, in
 `graph_specs`: `build_manifest` writes it into the manifest, `Manifest._check` requires it, and both
@@ -39,6 +41,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from serving.scoring import Calibration, CalibrationError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "model.json"
@@ -141,6 +145,7 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     opset: int
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    calibration: Calibration | None = field(repr=False, default=None)  # None: exported without one
 
     @property
     def example_size(self) -> int:
@@ -162,7 +167,11 @@ class Manifest:
                     latent_dim=int(d["latent_dim"]), likelihood=str(d["likelihood"]),
                     learned_variance=bool(d.get("learned_variance", False)),
                     normalization=dict(d["normalization"]), files=files, graphs=graphs,
-                    opset=int(d["opset"]), raw=d)
+                    opset=int(d["opset"]), raw=d,
+                    calibration=Calibration.from_dict(d["calibration"], math.prod(int(s) for s in d["example_shape"]))
+                    if "calibration" in d else None)
+        except CalibrationError as e:
+            raise ManifestError(f"{e}; re-export the model (python -m training.export) to rewrite it") from e
         except KeyError as e:
             raise ManifestError(f"manifest: missing key {e}") from e
         except (TypeError, ValueError) as e:
@@ -235,7 +244,7 @@ def model_version(encoder_sha256: str, decoder_sha256: str) -> str:
 def build_manifest(*, name: str, files: dict[str, FileEntry], example_shape: tuple[int, ...], latent_dim: int,
                    likelihood: str, learned_variance: bool, normalization: dict[str, Any], opset: int,
                    versions: dict[str, str], training: dict[str, Any], parity: dict[str, Any],
-                   created_at: str | None = None) -> dict[str, Any]:
+                   created_at: str | None = None, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """The model.json dict of an export (schema above): the graphs from `graph_specs`, the version from the
     files' checksums, `created_at` now (UTC) unless given. Values must already be JSON-ready."""
     graphs = graph_specs(tuple(example_shape), latent_dim, likelihood, learned_variance)
@@ -257,6 +266,7 @@ def build_manifest(*, name: str, files: dict[str, FileEntry], example_shape: tup
         "versions": versions,
         "training": training,
         "parity": parity,
+        **({"calibration": calibration} if calibration is not None else {}),
     }
 
 
@@ -269,7 +279,10 @@ def manifest_json(manifest: dict[str, Any]) -> str:
 def write_manifest(model_dir: Path, manifest: dict[str, Any]) -> Path:
     """Validate `manifest` and write it as `model_dir/model.json`; returns the path written."""
     path = Path(model_dir) / MANIFEST_NAME
-    path.write_text(manifest_json(manifest))
+    text = manifest_json(manifest)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic: a reader never sees half a manifest
     return path
 
 

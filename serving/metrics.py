@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.metrics_core import Metric
@@ -32,6 +32,8 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 0.01, 0.02,
     0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS: tuple[float, ...] = tuple(float(2 ** i) for i in range(11))  # 1, 2, 4, ..., 1024
+# Score: where scored rows fall in the calibration distribution, in percent (a drift shows as mass moving up).
+PERCENTILE_BUCKETS: tuple[float, ...] = (10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 100.0)
 REJECTION_REASONS: tuple[str, ...] = ("queue_full", "deadline", "cancelled", "invalid")
 REFRESH_S = 0.5  # multiprocess mode: how often a worker copies its live gauges into its files
 
@@ -60,17 +62,20 @@ def multiprocess() -> bool:
 
 
 class ModelMetrics:
-    """The per-model children the batcher touches (labels already applied)."""
+    """The per-model children the batcher touches (labels already applied): `model` is the OIP model
+    (a graph), and with a model repository `version` its version (`Metrics.versioned`)."""
 
-    def __init__(self, m: Metrics, model: str) -> None:
-        self.queue_wait = observer(m.queue_wait.labels(model))  # each: observe(value)
-        self.compute = observer(m.compute.labels(model))
-        self.batch_size = observer(m.batch_size.labels(model))
-        self.queue_rows = m.queue_rows.labels(model)
-        self.queue_requests = m.queue_requests.labels(model)
-        self.rows = m.rows.labels(model)
-        self.batches = m.batches.labels(model)
-        self.rejected = {r: m.rejections.labels(model, r) for r in REJECTION_REASONS}
+    def __init__(self, m: Metrics, model: str, version: str = "") -> None:
+        lv = (model, version) if m.versioned else (model,)
+        self.labels = lv
+        self.queue_wait = observer(m.queue_wait.labels(*lv))  # each: observe(value)
+        self.compute = observer(m.compute.labels(*lv))
+        self.batch_size = observer(m.batch_size.labels(*lv))
+        self.queue_rows = m.queue_rows.labels(*lv)
+        self.queue_requests = m.queue_requests.labels(*lv)
+        self.rows = m.rows.labels(*lv)
+        self.batches = m.batches.labels(*lv)
+        self.rejected = {r: m.rejections.labels(*lv, r) for r in REJECTION_REASONS}
         self.live = m.live
 
 
@@ -158,8 +163,12 @@ class Metrics:
     """All metric families of one server."""
 
     def __init__(self, registry: CollectorRegistry | None = None,
-                 models: Iterable[str] = ("encoder", "decoder")) -> None:
+                 models: Iterable[str] = ("encoder", "decoder"), versioned: bool = False) -> None:
+        """`models`: the per-model children made now (a one-model server's graphs); `versioned`: a model
+        repository's server, whose per-model series also carry `version` (`model_metrics` makes them)."""
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.versioned = versioned
+        per_model = ("model", "version") if versioned else ("model",)
         self.multiprocess = multiprocess()
         self.tallies: list[MethodMetrics] = []
         self.registry.register(_Flush(self))
@@ -174,34 +183,82 @@ class Metrics:
         self.request_duration = Histogram("request_duration_seconds", "RPC latency in the server",
                                           ("method",), namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
         self.queue_wait = Histogram("queue_wait_seconds", "time a request waited for its first batch",
-                                    ("model",), namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
+                                    per_model, namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
         self.compute = Histogram("compute_duration_seconds", "ONNX Runtime run time per batch",
-                                 ("model",), namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
-        self.batch_size = Histogram("batch_size_rows", "rows in each ONNX Runtime run", ("model",),
+                                 per_model, namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
+        self.batch_size = Histogram("batch_size_rows", "rows in each ONNX Runtime run", per_model,
                                     namespace=ns, registry=r, buckets=BATCH_BUCKETS)
-        self.queue_rows = Gauge("queue_rows", "rows waiting in the queue", ("model",), namespace=ns,
+        self.queue_rows = Gauge("queue_rows", "rows waiting in the queue", per_model, namespace=ns,
                                 registry=r, multiprocess_mode="liveall")
-        self.queue_requests = Gauge("queue_requests", "requests waiting in the queue", ("model",),
+        self.queue_requests = Gauge("queue_requests", "requests waiting in the queue", per_model,
                                     namespace=ns, registry=r, multiprocess_mode="liveall")
         self.inflight = Gauge("inflight_requests", "RPCs (stream messages) being handled", ("method",),
                               namespace=ns, registry=r, multiprocess_mode="livesum")
         self.open_streams = Gauge("open_streams", "bidirectional streams open", ("method",), namespace=ns,
                                   registry=r, multiprocess_mode="livesum")
-        self.rows = Counter("rows_total", "rows computed", ("model",), namespace=ns, registry=r)
-        self.batches = Counter("batches_total", "ONNX Runtime runs", ("model",), namespace=ns, registry=r)
+        self.rows = Counter("rows_total", "rows computed", per_model, namespace=ns, registry=r)
+        self.batches = Counter("batches_total", "ONNX Runtime runs", per_model, namespace=ns, registry=r)
         self.rejections = Counter("rejections_total", "requests refused or dropped before compute",
-                                  ("model", "reason"), namespace=ns, registry=r)
-        self.model_info = Gauge("model_info", "the model being served (value 1)",
+                                  (*per_model, "reason"), namespace=ns, registry=r)
+        self.model_info = Gauge("model_info", "each model version being served (value 1)",
                                 ("name", "version", "providers"), namespace=ns, registry=r, multiprocess_mode="max")
+        self.model_loads = Counter("model_loads_total", "model versions loaded, verified and routed to", ("name",),
+                                   namespace=ns, registry=r)
+        self.model_unloads = Counter("model_unloads_total", "model versions unloaded (after their last request)",
+                                     ("name",), namespace=ns, registry=r)
+        self.versions_refused = Counter("model_versions_refused_total", "model versions that failed verification, "
+                                        "loading or warm-up and were not served", ("name",), namespace=ns, registry=r)
         self.worker_restarts = Counter("worker_restarts_total", "worker processes that died and were restarted "
                                        "(--workers)", namespace=ns, registry=r)
+        # Score, per VAE (`name`, as vae_model_info's) and with a model repository per version: each version
+        # is scored against its own calibration (serving.detector).
+        per_vae = ("name", "version") if versioned else ("name",)
+        self.scored_rows = Counter("scored_rows_total", "rows scored by Score (the model's calibrated default k "
+                                   "and score kind only)", per_vae, namespace=ns, registry=r)
+        self.flagged_rows = Counter("flagged_rows_total", "of those, rows over the server's --outlier-quantile "
+                                    "threshold", per_vae, namespace=ns, registry=r)
+        self.score_percentile = Histogram("score_percentile", "scored rows' percentile in the calibration "
+                                          "distribution (same rows as vae_scored_rows_total)", per_vae,
+                                          namespace=ns, registry=r, buckets=PERCENTILE_BUCKETS)
+        self.outlier_quantile = Gauge("outlier_quantile", "the server's --outlier-quantile (flagged rows are "
+                                      "expected at 1 - this rate on data like the calibration data)", per_vae,
+                                      namespace=ns, registry=r, multiprocess_mode="max")
         self.models = {name: ModelMetrics(self, name) for name in models}
         self._methods: dict[str, MethodMetrics] = {}
 
-    def count_invalid(self, model: str | None) -> None:
-        """One request refused as invalid input for `model` (when the error named a model we serve)."""
+    def count_invalid(self, model: str | None, pins: Sequence[object] | None = None) -> None:
+        """One request refused as invalid input for `model` (when the error named a model we serve): a
+        graph of the model version the request had resolved (`pins`, from its lease), else of this server."""
+        if pins and model:
+            graphs: dict[str, ModelMetrics] = getattr(pins[0], "graph_metrics", {})
+            mm = graphs.get(model.rpartition(".")[2])  # "encoder", or an OIP name "<vae>.encoder"
+            if mm is not None:
+                mm.rejected["invalid"].inc()
+                return
         if model in self.models:
             self.models[model].rejected["invalid"].inc()
+
+    def model_metrics(self, model: str, version: str) -> ModelMetrics:
+        """The per-model children of one version of an OIP model (a repository's server)."""
+        mm = ModelMetrics(self, model, version)
+        self.models[f"{model}:{version}"] = mm
+        return mm
+
+    def drop_model(self, mm: ModelMetrics) -> None:
+        """Remove the series of an unloaded model version (and the gauges reading its batcher)."""
+        self.models = {k: v for k, v in self.models.items() if v is not mm}
+        for fam in (self.queue_wait, self.compute, self.batch_size, self.queue_rows, self.queue_requests,
+                    self.rows, self.batches):
+            _remove(fam, mm.labels)
+        for reason in REJECTION_REASONS:
+            _remove(self.rejections, (*mm.labels, reason))
+        gone = {id(mm.queue_rows), id(mm.queue_requests)}
+        self._live = [(g, f) for g, f in self._live if id(g) not in gone]
+
+    def drop_score(self, labels: tuple[str, ...]) -> None:
+        """Remove the Score series of an unloaded model version (`labels`: its detector's)."""
+        for fam in (self.scored_rows, self.flagged_rows, self.score_percentile, self.outlier_quantile):
+            _remove(fam, labels)
 
     def live(self, gauge: Gauge, value: Callable[[], float]) -> None:
         """`gauge` shows `value()`: read at scrape time, or (multiprocess mode) copied by `refresh`."""
@@ -237,5 +294,17 @@ class Metrics:
             mm = self._methods[method] = MethodMetrics(self, method, stream)
         return mm
 
-    def set_model_info(self, name: str, version: str, providers: Iterable[str]) -> None:
-        self.model_info.labels(name, version, ",".join(providers)).set(1)
+    def set_model_info(self, name: str, version: str, providers: Iterable[str], loaded: bool = True) -> None:
+        labels = (name, version, ",".join(providers))
+        if loaded:
+            self.model_info.labels(*labels).set(1)
+        else:  # 0 first: under --workers the sample stays in the worker's file after the remove
+            self.model_info.labels(*labels).set(0)
+            _remove(self.model_info, labels)
+
+
+def _remove(family: Counter | Gauge | Histogram, labels: tuple[str, ...]) -> None:
+    try:
+        family.remove(*labels)
+    except KeyError:  # never made
+        pass

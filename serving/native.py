@@ -17,8 +17,9 @@ serves the same adapters through `serving.rpc`: clients see one port with every 
 
 Per call, the hot path (`batched` methods: OIP ModelInfer, vae.v1 Encode, Decode, Sample) costs a
 `_NativeCall` (the one request wrapper, `serving.scope.RequestScope`: metrics, lease, deadline) and the
-adapter's parse and checks; the other unary methods (metadata, readiness, GetModelInfo, Reconstruct,
-Health/Check) run as one asyncio task each, through the same adapters' coroutines.
+adapter's parse and checks; the other unary methods (metadata, readiness, GetModelInfo, Reconstruct, Score,
+Health/Check) run as one asyncio task each, through the same adapters' coroutines, as does ModelInfer of
+the OIP model `score` (two batcher runs in a row: the adapter hands back a `serving.core.Job`).
 
 Contracts, the same as on the grpcio front end (tests run both):
 - a request over --max-message-bytes is refused with RESOURCE_EXHAUSTED before it is parsed, and its
@@ -40,8 +41,9 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -50,7 +52,7 @@ from pygrpc_native import EVENT_CALL, NativeGrpcFront
 
 from serving.batcher import Batcher, Outputs, Ticket
 from serving.budget import current_lease
-from serving.core import Work
+from serving.core import Job, Work
 from serving.dataplane import DataPlane
 from serving.errors import RequestTooLarge, ShuttingDown, TooManyRpcs
 from serving.metrics import MethodMetrics
@@ -86,7 +88,7 @@ class _Method:
     mm: MethodMetrics
     parse: Callable[[bytes], Any]
     request_type: str
-    batched: Callable[[Any, Any], Work] | None  # the hot path: request, lease -> the batcher run
+    batched: Callable[[Any, Any], Work | Job] | None  # the hot path: request, lease -> the batcher run
     impl: Callable[[Any, Any], Any]             # otherwise: the adapter's coroutine (request, context)
 
 
@@ -237,7 +239,7 @@ class NativeFront:
         self.closing = False
         self._methods: list[_Method] = []
         for service, adapter in services:
-            batched: Mapping[str, Callable[[Any, Any], Work]] = getattr(adapter, "batched", {})
+            batched: Mapping[str, Callable[[Any, Any], Work | Job]] = getattr(adapter, "batched", {})
             for method in service.methods:
                 if method.client_streaming or method.server_streaming:
                     continue  # the fallback serves it
@@ -357,6 +359,10 @@ class NativeFront:
                 request = parse_request(m.parse, payload, m.request_type)
                 if m.batched is not None:
                     work = m.batched(request, call.lease)
+                    if isinstance(work, Job):  # several batcher runs (OIP `score`): a task of its own
+                        calls[call_id] = call
+                        call.task = asyncio.ensure_future(self._run(call, partial(work.run, call.deadline)))
+                        continue
                     call.finish = work.finish
                     calls[call_id] = call
                     members = hot.get(work.batcher)
@@ -366,7 +372,7 @@ class NativeFront:
                         members.append((call, work))
                 else:
                     calls[call_id] = call
-                    call.task = asyncio.ensure_future(self._run(call, m, request))
+                    call.task = asyncio.ensure_future(self._run(call, partial(m.impl, request, call)))
             except Exception as e:  # noqa: BLE001  # every error becomes its status (INTERNAL if unexpected)
                 calls.pop(call_id, None)
                 self.fail(call, e)
@@ -375,11 +381,11 @@ class NativeFront:
             _enqueue(batcher, members)
 
 
-    async def _run(self, call: _NativeCall, m: _Method, request: Any) -> None:
-        """A method off the hot path: the adapter's coroutine, with the call as its context."""
+    async def _run(self, call: _NativeCall, answer: Callable[[], Awaitable[Any]]) -> None:
+        """A method off the hot path (the adapter's coroutine, with the call as its context) or a Job."""
         current_lease.set(call.lease)  # this task's own context: the core reserves the response on it
         try:
-            out = check_size(wire(await m.impl(request, call)), self.max_message_bytes)
+            out = check_size(wire(await answer()), self.max_message_bytes)
         except asyncio.CancelledError:
             return  # abandoned: the front has answered, `abandon` counted it
         except Exception as e:  # noqa: BLE001

@@ -1,12 +1,19 @@
 """inference.GRPCInferenceService (Open Inference Protocol / KServe v2): a thin adapter over VaeCore.
 
-Models: `encoder` and `decoder`, version "1" (the manifest version is accepted too). Their inputs and
-outputs are the manifest's graph specs, every one of them (encoder x -> mu, var, logvar; decoder z ->
-x_mean plus logits or x_var): ModelMetadata says exactly what the ONNX graphs produce, and ModelInfer
-returns any of them. `serving.dataplane.OipModels` holds what this adapter, the native front end and the
-REST one (`serving.http`) share. ModelInfer goes through the same validation, batcher, deadlines, back-pressure and
-metrics as vae.v1.VaeService (`serving.rpc`, `VaeCore.input_tensor`); errors are the codes Triton gives:
-INVALID_ARGUMENT for an unknown model, input name, datatype, shape or size, and for raw and typed
+Models: each VAE graph of the repository, `<vae>.<graph>` (`serving.layout.oip_name`): `encoder`,
+`decoder` and `score`, and the bare graph names while one model is loaded (a `--model-dir` server:
+`encoder`, `decoder`, `score`, version "1", the manifest version accepted too). The repository extension
+(RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) is `OipModels`' too, on only with
+--model-control explicit. The encoder's and decoder's inputs and outputs are the manifest's graph specs,
+every one of them (encoder x -> mu, var, logvar; decoder z -> x_mean plus logits or x_var): ModelMetadata
+says exactly what the ONNX graphs produce, and ModelInfer returns any of them. `score` (serving.detector,
+the resolved version's detector and calibration): x -> score, nll, percentile, is_outlier (0/1),
+threshold (1,) and, when asked for by name, feature_scores; request parameters k, seed, quantile, kind;
+the response's parameters say the k, seed, kind and quantile used and the calibration.
+`serving.dataplane.OipModels` holds what this adapter, the native front end and the REST one
+(`serving.http`) share. ModelInfer goes through the same validation, batcher, deadlines, back-pressure
+and metrics as vae.v1.VaeService (`serving.rpc`, `VaeCore.input_tensor`); errors are the codes Triton
+gives: INVALID_ARGUMENT for an unknown model, input name, datatype, shape or size, and for raw and typed
 contents mixed.
 
 ModelStreamInfer (Triton's bidirectional extension, non-decoupled semantics): every ModelInferRequest
@@ -26,9 +33,11 @@ import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as pb
 from serving.budget import Lease, current_lease
-from serving.core import Work
+from serving.core import Job, Work
 from serving.dataplane import FP32, MODEL_VERSION, DataPlane
+from serving.detector import OIP_MODEL
 from serving.errors import InvalidInput
+from serving.repository import ModelVersion
 from serving.rpc import StreamCodec, deadline_of
 from serving.tensors import (
     F32,
@@ -90,6 +99,8 @@ def parse_infer_request(data: bytes) -> Any:
 # Records are cached for answers of at most this many rows (the per-call cost matters there; the cache stays
 # a few hundred entries, not one per row count up to --max-queue-rows).
 _CACHED_ROWS = 256
+# Response heads (model name, version) cached: names come from requests, so the cache is bounded.
+_CACHED_HEADS = 1024
 
 
 class InferResponseWriter:
@@ -105,16 +116,19 @@ class InferResponseWriter:
     """
 
     def __init__(self) -> None:
-        self._heads: dict[str, bytes] = {}   # model -> fields 1 and 2
+        self._heads: dict[tuple[str, str], bytes] = {}   # (model, version) -> fields 1 and 2
         # (output name, shape, raw) -> the output tensor's whole record when raw (tag, length, name, datatype,
         # shape), else its record up to the tensor bytes: made once per shape (a handful: rows vary).
         self._tensors: dict[tuple[str, tuple[int, ...], bool], bytes] = {}
         self._raw_heads: dict[int, bytes] = {}  # bytes of a raw output -> its field 6 tag and length
 
-    def serialize(self, model: str, request_id: str, outputs: list[tuple[str, np.ndarray]], raw: bool) -> bytes:
-        head = self._heads.get(model)
+    def serialize(self, model: str, request_id: str, outputs: list[tuple[str, np.ndarray]], raw: bool,
+                  version: str = MODEL_VERSION) -> bytes:
+        head = self._heads.get((model, version))
         if head is None:
-            head = self._heads[model] = _string_field(1, model) + _string_field(2, MODEL_VERSION)
+            head = _string_field(1, model) + _string_field(2, version)
+            if len(self._heads) < _CACHED_HEADS:
+                self._heads[(model, version)] = head
         parts: list[bytes | memoryview] = [head]
         if request_id:
             parts.append(_string_field(3, request_id))
@@ -158,6 +172,16 @@ class InferResponseWriter:
         return _OUTPUT + varint(len(tensor) + len(contents) + len(fp32) + nbytes) + tensor + contents + fp32
 
 
+def _parameter(v: Any) -> pb.InferParameter:
+    if isinstance(v, bool):
+        return pb.InferParameter(bool_param=v)
+    if isinstance(v, int):
+        return pb.InferParameter(uint64_param=v) if v >= 1 << 63 else pb.InferParameter(int64_param=v)
+    if isinstance(v, float):
+        return pb.InferParameter(double_param=v)
+    return pb.InferParameter(string_param=str(v))
+
+
 def _string_field(number: int, text: str) -> bytes:
     return length_delimited(field_tag(number), text.encode())
 
@@ -178,17 +202,11 @@ class OipServicer:
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
-        self.core = plane.core
+        self.repo = plane.repo
         self.metrics = plane.metrics
         self.oip = plane.oip
         self._response = InferResponseWriter()
-        meta = pb.ModelMetadataResponse.TensorMetadata
-        self._metadata = {
-            name: pb.ModelMetadataResponse(
-                name=name, versions=m["versions"], platform=m["platform"],
-                inputs=[meta(**t) for t in m["inputs"]], outputs=[meta(**t) for t in m["outputs"]])
-            for name, m in self.oip.metadata.items()}
-        self.batched: Mapping[str, Callable[[Any, Lease | None], Work]] = {"ModelInfer": self.infer_work}
+        self.batched: Mapping[str, Callable[[Any, Lease | None], Work | Job]] = {"ModelInfer": self.infer_work}
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -196,7 +214,7 @@ class OipServicer:
 
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.core.ready)
+        return pb.ServerReadyResponse(ready=self.repo.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
@@ -208,15 +226,18 @@ class OipServicer:
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        self.oip.model(request.name, request.version)
-        return self._metadata[request.name]
+        m = self.oip.metadata(request.name, request.version)
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(name=m["name"], versions=m["versions"], platform=m["platform"],
+                                        inputs=[meta(**t) for t in m["inputs"]],
+                                        outputs=[meta(**t) for t in m["outputs"]])
 
-    def infer_work(self, request: pb.ModelInferRequest, lease: Lease | None) -> Work:
+    def infer_work(self, request: pb.ModelInferRequest, lease: Lease | None) -> Work | Job:
         """ModelInfer up to the batcher: unpack the tensor, check it, and say how the outputs become the
-        serialised ModelInferResponse."""
+        serialised ModelInferResponse (for `score`, two batcher runs: a Job)."""
         name = request.model_name
         oip = self.oip
-        spec = oip.model(name, request.model_version)
+        v, graph, spec = oip.model(name, request.model_version, lease)
         inputs = request.inputs  # (each access to a protobuf field makes a Python object: read once)
         t = inputs[0] if inputs else None
         oip.check_input(name, spec, [t.name] if len(inputs) == 1 else [i.name for i in inputs],  # type: ignore[union-attr]
@@ -239,11 +260,47 @@ class OipServicer:
                                    "other typed contents", name)
         outputs = request.outputs
         requested = [o.name for o in outputs] if outputs else []
-        work, wanted = oip.infer_work(name, spec, t.name, t.shape, data, requested, lease)
-        serialize, rid, index = self._response.serialize, request.id, self.core.output_index[name]
+        if graph == OIP_MODEL:
+            return self._score_job(v, request, t, data, requested, raw)
+        work, wanted = oip.infer_work(v, graph, name, t.name, t.shape, data, requested, lease)
+        serialize, rid, index, label = self._response.serialize, request.id, v.core.output_index[graph], v.label
         # The runner's outputs (manifest order) straight into the answer, in the order asked for.
-        return Work(work.batcher, work.x, lambda outs: serialize(name, rid, [(n, outs[index[n]]) for n in wanted], raw))
+        return Work(work.batcher, work.x,
+                    lambda outs: serialize(name, rid, [(n, outs[index[n]]) for n in wanted], raw, label))
+
+    def _score_job(self, v: ModelVersion, request: pb.ModelInferRequest, t: Any, data: bytes | memoryview,
+                   requested: list[str], raw: bool) -> Job:
+        """A `score` graph's ModelInfer (its version `v` resolved and pinned): two batcher runs, a Job."""
+        params = {k: getattr(p, p.WhichOneof("parameter_choice") or "bool_param")
+                  for k, p in request.parameters.items()}
+        shape, field, rid, name = list(t.shape), t.name, request.id, request.model_name
+
+        async def run(deadline: float | None) -> bytes:
+            outputs, result = await self.oip.score(v, name, field, shape, data, requested, params, deadline)
+            extra = {k: _parameter(p) for k, p in self.oip.score_parameters(result).items()}
+            # Two serialised messages concatenated parse as their merge: the outputs, then the parameters.
+            return (self._response.serialize(name, rid, outputs, raw, v.label)
+                    + pb.ModelInferResponse(parameters=extra).SerializeToString())
+
+        return Job(run)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
         answer: bytes = await self.infer_work(request, current_lease.get()).run(deadline_of(context))
         return answer
+
+    # -- the repository extension (Triton's; UNIMPLEMENTED unless --model-control explicit) ------------
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        rows = self.oip.repository_index(request.repository_name, request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
+        await self.plane.oip.load(request.repository_name, request.model_name, request.parameters)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+        await self.plane.oip.unload(request.repository_name, request.model_name, request.parameters)
+        return pb.RepositoryModelUnloadResponse()

@@ -34,7 +34,7 @@ class OrtRunner:
     def __init__(self, name: str, session: ort.InferenceSession, input_name: str,
                  output_names: list[str]) -> None:
         self.name = name
-        self.session = session
+        self.session: ort.InferenceSession | None = session
         self.input_name = input_name
         self.output_names = output_names
         self._run = session.run
@@ -42,6 +42,16 @@ class OrtRunner:
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """x (B, ...) float32 -> every output, (B, ...) each, in `output_names` order."""
         return self._run(self.output_names, {self.input_name: x})  # type: ignore[no-any-return]
+
+    def release(self) -> None:
+        """Drop the session (an unloaded model version): its memory is freed now, whatever still refers
+        to this runner (the server's start-up objects are frozen out of the cyclic collector)."""
+        self.session = None
+        self._run = _released
+
+
+def _released(*args: object) -> list[np.ndarray]:
+    raise RuntimeError("this model version was unloaded")
 
 
 @dataclass

@@ -63,8 +63,8 @@ class RequestScope:
     def failed(self, exc: BaseException, metrics: Metrics, release: bool = True) -> tuple[Status, str]:
         """End with `exc`'s status (the one table's; INTERNAL and a logged traceback if unexpected)."""
         status, message = http_status_for(exc, self.mm.method)
-        if isinstance(exc, InvalidInput):
-            metrics.count_invalid(exc.model)
+        if isinstance(exc, InvalidInput):  # before the lease is released: its pin says which model version
+            metrics.count_invalid(exc.model, self.lease.pins)
         if not self.ended:
             self._end(status.grpc.name, release)
         return status, message

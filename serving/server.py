@@ -26,9 +26,9 @@ import signal
 import ssl
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -38,14 +38,13 @@ from grpc_reflection.v1alpha import reflection
 from serving import oip, servicer
 from serving.budget import InflightBudget
 from serving.config import ServeConfig, write_ready_file
-from serving.core import VaeCore
 from serving.dataplane import DataPlane
 from serving.errors import NotFound, StartupError, quote
 from serving.http import HttpServer
 from serving.metrics import REFRESH_S, Metrics
 from serving.native import NativeFront
+from serving.repository import Repository
 from serving.rpc import Adapter, StreamCodec, add_reflection, add_service
-from serving.runtime import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +69,7 @@ class Health(health.aio.HealthServicer):
         super().__init__()
         self.metrics = metrics
         self._closing = asyncio.Event()
+        self._models: set[str] = set()
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
@@ -90,6 +90,14 @@ class Health(health.aio.HealthServicer):
 
     def close_watches(self) -> None:
         self._closing.set()
+
+    async def set_models(self, repo: Repository) -> None:
+        """Each model's name: SERVING while a version of it is routed to, NOT_SERVING once unloaded."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in set(repo.models) | set(self._models):
+            if name not in HEALTH_NAMES:
+                await self.set(name, serving if name in repo.models and repo.ready else not_serving)
+        self._models = set(repo.models) | self._models
 
 
 class GrpcFront(Protocol):
@@ -138,7 +146,7 @@ class RunningServer:
 
     config: ServeConfig
     front: GrpcFront
-    core: VaeCore
+    repo: Repository
     metrics: Metrics
     health: Health
     grpc_port: int
@@ -153,7 +161,7 @@ class RunningServer:
         if self._stopped:
             return
         self._stopped = True
-        self.core.ready = False  # OIP ServerReady/ModelReady turn false with health, not after the drain
+        self.repo.ready = False  # OIP ServerReady/ModelReady turn false with health, not after the drain
         await self.health.enter_graceful_shutdown()
         drain = self.config.drain_delay_s if drain_delay_s is None else drain_delay_s
         if drain > 0:
@@ -166,11 +174,21 @@ class RunningServer:
             await asyncio.gather(self.front.stop(grace), self.http_server.shutdown(grace))
         else:
             await self.front.stop(grace)
-        await self.core.close()
+        await self.repo.close()
         if self.refresher is not None:
             self.refresher.cancel()
             self.metrics.refresh()
         logger.info("stopped")
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+def _detach(coro: Coroutine[Any, Any, None]) -> None:
+    """Run `coro` on the loop without awaiting it (kept referenced until it ends)."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def _tls_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -218,15 +236,14 @@ async def start(config: ServeConfig, reuse_port: bool = False,
     and awaits `serving_gate` (the supervisor's word that every worker is warm) before SERVING."""
     t0 = time.perf_counter()
     tls = _tls_context(config)  # before the model: a bad certificate fails fast
-    model = load_model(config.model_dir, config.providers, config.intra_op_threads, config.max_batch_size)
-    metrics = Metrics()
-    metrics.set_model_info(model.manifest.name, model.manifest.version, model.providers)
-    core = VaeCore(model, config, metrics)
-    core.start()
+    metrics = Metrics(versioned=config.model_repository is not None,
+                      models=("encoder", "decoder") if config.model_repository is None else ())
+    repo = Repository(config, metrics)
     front: GrpcFront | None = None
     http_server: HttpServer | None = None
     try:
-        plane = DataPlane(core, metrics, InflightBudget(config.max_inflight_bytes))
+        await repo.start()
+        plane = DataPlane(repo, metrics, InflightBudget(config.max_inflight_bytes))
         health_servicer = Health(metrics)
         services: list[tuple[ServiceDescriptor, Adapter]] = [
             (servicer.SERVICE, servicer.VaeServicer(plane)), (oip.SERVICE, oip.OipServicer(plane)),
@@ -239,11 +256,14 @@ async def start(config: ServeConfig, reuse_port: bool = False,
             http_port = await http_server.start()
         if serving_gate is not None:
             await serving_gate()
-        core.ready = True  # gates the OIP ServerReady/ModelReady answers; set before health says SERVING
+        repo.ready = True  # gates the OIP ServerReady/ModelReady answers; set before health says SERVING
         for name in HEALTH_NAMES:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if not repo.legacy:  # one health name per model: SERVING while a version of it is routed to
+            repo.on_change.append(lambda: _detach(health_servicer.set_models(repo)))
+            await health_servicer.set_models(repo)
         refresher = asyncio.ensure_future(_refresh_metrics(metrics)) if metrics.multiprocess else None
-        running = RunningServer(config, front, core, metrics, health_servicer, front.port, http_port, http_server,
+        running = RunningServer(config, front, repo, metrics, health_servicer, front.port, http_port, http_server,
                                 refresher)
     except BaseException:
         # A failed start (port in use, TLS files unreadable, ...) must not leave runner threads,
@@ -252,7 +272,7 @@ async def start(config: ServeConfig, reuse_port: bool = False,
             await front.stop(0)
         if http_server is not None:
             await http_server.shutdown(0)
-        await core.close()
+        await repo.close()
         raise
     logger.info("SERVING on %s (grpc port %d, %s front end%s; http port %d) in %.0f ms", config.host, front.port,
                 config.frontend, ", TLS" + (" + client auth" if config.tls_client_ca else "") if config.tls else "",

@@ -1,11 +1,18 @@
 """Export a trained VAE to ONNX with a manifest, behind a parity gate.
 
     python -m training.export --run runs/demo [--checkpoint best|last] --out exported/ [--opset 18]
+                              [--calibration-k 16] [--calibration-seed 0]
+    python -m training.export --run runs/demo --repository models/ --name digits     # -> models/digits/<N+1>/
 
 Writes `encoder.onnx`, `decoder.onnx` and `model.json` (schema: serving/manifest.py) into a temporary
 directory beside `--out`, checks ONNX Runtime (CPU) against PyTorch on real and random inputs at several
-batch sizes, and only then swaps the new directory into place atomically (renameat2 RENAME_EXCHANGE on
-Linux; two renames elsewhere). A failed gate, an error or an interrupt leaves the previous export as it
+batch sizes (and the anomaly scorer against PyTorch), scores the run's validation split for the
+calibration tables of `Score` (training/calibrate.py; skipped, with a warning, when the data cannot be
+read here), and only then swaps the new directory into place atomically (renameat2 RENAME_EXCHANGE on
+Linux; two renames elsewhere). With `--repository DIR --name N` it publishes the next version of model
+N in that model repository instead (DIR/N/<highest + 1>/, renamed into place, printed; serving/layout.py),
+which a server polling DIR picks up, each version with its own calibration. A failed gate, an error or
+an interrupt leaves the previous export as it
 was. Exit codes: 0 published, 1 parity gate failed, 2 bad input (run, checkpoint, output directory).
 
 The gate is training/parity.py, the staging and swap training/publish.py, the manifest's one writer
@@ -27,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from serving.layout import LayoutError, check_name
 from serving.manifest import (
     FileEntry,
     GraphSpec,
@@ -36,11 +44,13 @@ from serving.manifest import (
     verify_model_dir,
     write_manifest,
 )
+from serving.scoring import DEFAULT_K
+from training.calibrate import calibrate, validation_examples
 from training.checkpoint import CheckpointError
 from training.config import CHECKPOINT_CHOICES, TrainConfig
 from training.model import DecoderGraph, EncoderGraph
 from training.parity import PARITY_TOLERANCE, ParityError, check_parity, real_examples
-from training.publish import ExportError, publish, stage_dir
+from training.publish import ExportError, publish, publish_version, stage_dir
 from training.rundir import LoadedCheckpoint, RunDir
 
 logger = logging.getLogger(__name__)
@@ -56,6 +66,9 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     name: str | None = None
     tolerance: float = PARITY_TOLERANCE
+    repository: Path | None = None  # publish as the next version of `name` in this model repository
+    calibration_k: int = DEFAULT_K
+    calibration_seed: int = 0
 
 
 def parse_args(argv: list[str] | None = None) -> ExportConfig:
@@ -64,14 +77,33 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
     p.add_argument("--run", type=Path, required=True, help="run directory written by training.fit")
     p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
                    help="which checkpoint: best (lowest validation -ELBO) or last")
-    p.add_argument("--out", type=Path, default=Path("exported"), help="directory to publish into")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=Path("exported"), help="directory to publish into")
+    where.add_argument("--repository", type=Path, default=None,
+                       help="model repository to publish the next version of --name into (DIR/NAME/VERSION/)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset to pin")
-    p.add_argument("--name", default=None, help="model name in the manifest (default: vae-<data kind>)")
+    p.add_argument("--name", default=None, help="model name in the manifest (default: vae-<data kind>); with "
+                                                "--repository, required: the model's directory there")
     p.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE,
                    help="parity gate: largest allowed absolute difference between ORT and PyTorch")
+    p.add_argument("--calibration-k", type=int, default=DEFAULT_K,
+                   help="importance samples per example when scoring the validation split for the calibration "
+                        "tables (the server's default Score k)")
+    p.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration's eps")
     a = p.parse_args(argv)
+    if a.calibration_k < 1 or a.calibration_seed < 0:
+        p.error(f"--calibration-k: expected an integer >= 1 and --calibration-seed >= 0, got "
+                f"{a.calibration_k} and {a.calibration_seed}")
+    if a.repository is not None:
+        if a.name is None:
+            p.error("--name is required with --repository (the model's directory in the repository)")
+        try:
+            check_name(a.name, "--name")
+        except LayoutError as e:
+            p.error(str(e))
     return ExportConfig(run=a.run, out=a.out, checkpoint=a.checkpoint, opset=a.opset, name=a.name,
-                        tolerance=a.tolerance)
+                        tolerance=a.tolerance, repository=a.repository, calibration_k=a.calibration_k,
+                        calibration_seed=a.calibration_seed)
 
 
 def _export_graph(module: torch.nn.Module, example: torch.Tensor, input_name: str,
@@ -136,6 +168,11 @@ def _check_contract(role: str, graph: torch.nn.Module, example: torch.Tensor, sp
 
 def export(cfg: ExportConfig) -> Manifest:
     """Export, gate and publish. Returns the published manifest."""
+    return export_to(cfg)[0]
+
+
+def export_to(cfg: ExportConfig) -> tuple[Manifest, Path]:
+    """Export, gate and publish. Returns the published manifest and the directory it was published to."""
     import onnx
     import onnxruntime as ort
 
@@ -144,7 +181,8 @@ def export(cfg: ExportConfig) -> Manifest:
     config: TrainConfig = loaded.config
     shape, d = model.example_shape, config.latent_dim
     learned_variance = model.x_logvar is not None
-    staging = stage_dir(cfg.out)
+    model_dir = None if cfg.repository is None else cfg.repository / str(cfg.name)
+    staging = stage_dir(cfg.out if model_dir is None else model_dir / "version")
     try:
         enc_path, dec_path = staging / "encoder.onnx", staging / "decoder.onnx"
         # The graph contract comes from the manifest's one description; the torch graphs must match it.
@@ -158,6 +196,9 @@ def export(cfg: ExportConfig) -> Manifest:
             onnx.checker.check_model(str(p), full_check=True)
         real = real_examples(config, 256)
         parity = check_parity(model, enc_path, dec_path, graphs, real, config.batch_size, cfg.tolerance)
+        val = validation_examples(config)
+        calibration = None if val is None else calibrate(
+            enc_path, dec_path, val, config.likelihood, cfg.calibration_k, cfg.calibration_seed).to_dict()
         manifest = build_manifest(
             name=cfg.name or f"vae-{config.data.split(':', 1)[0]}",
             files={"encoder": FileEntry.of(enc_path), "decoder": FileEntry.of(dec_path)},
@@ -166,18 +207,22 @@ def export(cfg: ExportConfig) -> Manifest:
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
             training={"config": config.to_dict(), "checkpoint": ckpt_path.name, "epoch": state.get("epoch"),
                       "metrics": _run_metrics(cfg.run)},
-            parity=parity)
+            parity=parity, calibration=calibration)
         write_manifest(staging, manifest)
         verify_model_dir(staging)  # the exact check a server makes before loading
         for p in staging.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         staging.chmod(0o755)  # mkdtemp makes it 0700; a server may run as another user
-        publish(staging, cfg.out)
+        if model_dir is None:
+            publish(staging, cfg.out)
+            published = cfg.out
+        else:
+            published = model_dir / str(publish_version(staging, model_dir))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return verify_model_dir(cfg.out)
+    return verify_model_dir(published), published
 
 
 def _plain(v: Any) -> Any:
@@ -201,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     cfg = parse_args(argv)
     try:
-        manifest = export(cfg)
+        manifest, published = export_to(cfg)
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
@@ -209,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export refused by the parity gate, nothing published: {e}", file=sys.stderr)
         return 1
     parity = manifest.raw["parity"]
-    print(f"exported {manifest.name} version {manifest.version} to {cfg.out}/")
+    if cfg.repository is not None:
+        print(f"published {manifest.name} version {published.name} (manifest version {manifest.version}) to "
+              f"{published}/")
+    else:
+        print(f"exported {manifest.name} version {manifest.version} to {cfg.out}/")
     for entry in manifest.files.values():
         print(f"  {entry.path}: {entry.bytes:,} bytes, sha256 {entry.sha256[:16]}...")
     print(f"  parity (ORT CPU vs PyTorch, batch sizes {parity['batch_sizes']}, tolerance {parity['tolerance']:g}, "
@@ -218,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         scaled = k.split(".")[1] in parity["scaled_outputs"]
         extra = f"  (gated on |diff|/max(1,|ref|) = {parity['max_scaled_diff'][k]:.3g})" if scaled else ""
         print(f"    {k:<16} max |diff| = {v:.3g}{extra}")
+    for k, v in parity["score"]["max_scaled_diff"].items():
+        print(f"    {k:<16} max |diff|/max(1,|ref|) = {v:.3g} (k={parity['score']['k']}, tolerance "
+              f"{parity['score']['tolerance']:g})")
+    cal = manifest.calibration
+    print("  calibration: " + (f"{cal.describe()}; threshold at 0.99: "
+                               + ", ".join(f"{kind} {cal.threshold(kind, 0.99):.4g}" for kind in cal.quantiles)
+                               if cal is not None else "none (the run's data could not be read)"))
     return 0
 
 

@@ -3,6 +3,10 @@
 `check_parity` runs both graphs at several batch sizes (PARITY_BATCH_SIZES and one over twice the training
 batch), on random inputs and on the run's test split when it can be read here, and raises ParityError when
 an output differs by more than the tolerance or is NaN/Inf. training.export publishes nothing then.
+
+The scorer is gated too (`training.calibrate.score_parity`): the importance-weighted nll and per-feature
+scores of Score (ORT graphs + the numpy scorer) against PyTorch for the same eps, at SCORE_TOLERANCE
+relative (|diff| / max(1, |reference|)).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import torch
 
 from serving.manifest import GraphSpec
+from training.calibrate import SCORE_TOLERANCE, score_parity
 from training.config import TrainConfig
 from training.model import VAE, DecoderGraph, EncoderGraph
 
@@ -22,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-5
 PARITY_BATCH_SIZES: tuple[int, ...] = (1, 7, 128)
+SCORE_PARITY_K = 4  # importance samples per example in the scorer's gate (on up to 64 examples)
 
 
 class ParityError(Exception):
@@ -103,12 +109,18 @@ def check_parity(model: VAE, encoder_path: Path, decoder_path: Path, graphs: dic
                     record(f"decoder.{n}", g, w)
             logger.debug("parity %s ok", label)
     gated = {k: worst_scaled[k] if k.split(".")[1] in SCALED_OUTPUTS else worst[k] for k in keys}
+    score_x = real[:64] if real is not None and len(real) else cases[-1][1][:64]
+    score = score_parity(model, encoder_path, decoder_path, score_x, SCORE_PARITY_K, seed)
     report = {"tolerance": tolerance, "provider": "CPUExecutionProvider", "batch_sizes": sizes,
               "real_examples": real is not None and len(real) > 0, "max_abs_diff": worst,
               "max_scaled_diff": worst_scaled, "scaled_outputs": sorted(SCALED_OUTPUTS), "gated": gated,
-              "passed": all(v <= tolerance for v in gated.values())}
+              "score": {"k": SCORE_PARITY_K, "examples": len(score_x), "tolerance": SCORE_TOLERANCE,
+                        "max_scaled_diff": score},
+              "passed": all(v <= tolerance for v in gated.values())
+              and all(v <= SCORE_TOLERANCE for v in score.values())}
     if not report["passed"]:
         bad = {k: v for k, v in gated.items() if v > tolerance}
+        bad.update({k: v for k, v in score.items() if v > SCORE_TOLERANCE})
         raise ParityError(f"max |ORT - PyTorch| above {tolerance:g}: "
                           + ", ".join(f"{k}={v:.3g}" for k, v in bad.items()))
     return report

@@ -2,7 +2,9 @@
 
 The export writes into `.<out>.staging-<pid>-<random>` (`stage_dir`), and `publish` swaps it with the
 previous export (renameat2 RENAME_EXCHANGE on Linux; two renames elsewhere), so a failed or interrupted
-export leaves the previous one as it was. `stage_dir` first removes the staging directories that killed
+export leaves the previous one as it was. Into a model repository (`publish_version`) the staging
+directory is `<repository>/<name>/.version.staging-...` (hidden: never read as a version) and is renamed to
+the next version number, never over an existing version. `stage_dir` first removes the staging directories that killed
 exports left behind (never one whose process still runs).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import shutil
@@ -57,6 +60,24 @@ def publish(staging: Path, out: Path) -> None:
     os.rename(out, backup)
     os.rename(staging, out)
     shutil.rmtree(backup)
+
+
+def publish_version(staging: Path, model_dir: Path) -> int:
+    """Move the staged export into a model repository as `model_dir`'s next version (one more than the
+    highest there); returns that version. A rename onto an existing version directory fails rather than
+    replace it, so two exports at once get two versions."""
+    from serving.layout import next_version  # (serving.layout imports nothing heavy)
+
+    for _ in range(100):
+        version = next_version(model_dir)
+        try:
+            os.rename(staging, model_dir / str(version))
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another export took this version first
+                continue
+            raise ExportError(f"--repository: cannot publish into {model_dir} ({e.strerror or e})") from e
+        return version
+    raise ExportError(f"--repository: {model_dir} kept changing; no version could be published")
 
 
 # A staging directory without a pid in its name (older versions) is stale once this old.

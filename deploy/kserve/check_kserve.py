@@ -9,6 +9,11 @@ every failure:
   - the runtime container: a port named h2c (KServe routes gRPC there) that is ServeConfig's gRPC port,
     the Prometheus annotation on ServeConfig's metrics port, gRPC probes on that port for names the server's
     health service answers;
+  - a multi-model runtime (`multiModel: true`, deploy/kserve/multimodel): its first port is ServeConfig's
+    HTTP port (KServe's agent loads models there over REST) and it speaks v2; the InferenceService has no
+    storageUri of its own; each TrainedModel has only KServe's v1alpha1 fields, names that
+    InferenceService, a framework the runtime supports, a storageUri and memory, and a name the model
+    repository accepts (serving/layout.py: the name clients see as <name>.encoder);
   - DIR/kserve-pod.yaml: the runtime's containers and volumes as a Pod, for `kubernetes-validate --strict`
     (the built-in schema covers every container field: probes, securityContext, resources, mounts).
 The container's VAE_SERVE_* env is checked by deploy/server_env.py --check.
@@ -26,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from serving.config import ServeConfig
+from serving.layout import LayoutError, check_name
 from serving.server import HEALTH_NAMES
 
 Obj = dict[str, Any]
@@ -39,6 +45,8 @@ PREDICTOR_KEYS = {"model", "minReplicas", "maxReplicas", "scaleTarget", "scaleMe
                   "containerConcurrency", "timeout", "canaryTrafficPercent", "logger", "batcher", "labels",
                   "annotations", "deploymentStrategy", "autoScaling", "serviceAccountName", "nodeSelector",
                   "tolerations", "affinity", "volumes", "imagePullSecrets", "priorityClassName", "workerSpec"}
+TRAINED_MODEL_SPEC_KEYS = {"inferenceService", "model"}
+TRAINED_MODEL_MODEL_KEYS = {"storageUri", "framework", "memory"}
 MODEL_KEYS = {"modelFormat", "runtime", "protocolVersion", "storageUri", "storage", "env", "args", "resources",
               "ports", "volumeMounts", "securityContext", "livenessProbe", "readinessProbe", "startupProbe"}
 
@@ -72,7 +80,9 @@ def check(docs: list[Obj], out: Path) -> list[str]:
     defaults = ServeConfig()
     (c,) = spec["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    if ports.get("h2c") != defaults.port:
+    if spec.get("multiModel"):
+        errors += _multimodel(docs, spec, isvc, c, defaults)
+    elif ports.get("h2c") != defaults.port:
         errors.append(f"runtime container: port h2c {ports.get('h2c')} != ServeConfig port {defaults.port}")
     if spec["annotations"].get("prometheus.kserve.io/port") != str(defaults.http_port):
         errors.append(f"prometheus.kserve.io/port != ServeConfig http_port {defaults.http_port}")
@@ -85,6 +95,39 @@ def check(docs: list[Obj], out: Path) -> list[str]:
            "spec": {"containers": spec["containers"], "volumes": spec.get("volumes", [])}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "kserve-pod.yaml").write_text(yaml.safe_dump(pod, sort_keys=False))
+    return errors
+
+
+def _multimodel(docs: list[Obj], spec: Obj, isvc: Obj, c: Obj, defaults: ServeConfig) -> list[str]:
+    """The multi-model runtime, its InferenceService and every TrainedModel."""
+    errors: list[str] = []
+    if c["ports"][0]["containerPort"] != defaults.http_port or "v2" not in spec["protocolVersions"]:
+        errors.append(f"multi-model runtime: expected v2 and the HTTP port {defaults.http_port} first (KServe's agent "
+                      f"loads models over REST on the container's port), got {c['ports'][0]} {spec['protocolVersions']}")
+    if "storageUri" in isvc["spec"]["predictor"]["model"]:
+        errors.append("multi-model InferenceService: predictor.model has a storageUri (TrainedModels bring the models)")
+    formats = {f["name"] for f in spec["supportedModelFormats"]}
+    trained = [d for d in docs if d["kind"] == "TrainedModel"]
+    if not trained:
+        errors.append("multi-model runtime: expected at least one TrainedModel")
+    for tm in trained:
+        name = tm["metadata"]["name"]
+        if tm["apiVersion"] != "serving.kserve.io/v1alpha1":
+            errors.append(f"TrainedModel {name}: expected apiVersion serving.kserve.io/v1alpha1")
+        errors += [f"TrainedModel {name} spec.{k}: unknown field" for k in set(tm["spec"]) - TRAINED_MODEL_SPEC_KEYS]
+        model = tm["spec"].get("model", {})
+        errors += [f"TrainedModel {name} spec.model.{k}: unknown field" for k in set(model) - TRAINED_MODEL_MODEL_KEYS]
+        if tm["spec"].get("inferenceService") != isvc["metadata"]["name"]:
+            errors.append(f"TrainedModel {name}: inferenceService {tm['spec'].get('inferenceService')!r} != "
+                          f"{isvc['metadata']['name']!r}")
+        if model.get("framework") not in formats:
+            errors.append(f"TrainedModel {name}: framework {model.get('framework')!r} not among the runtime's {formats}")
+        if not model.get("storageUri") or not model.get("memory"):
+            errors.append(f"TrainedModel {name}: expected spec.model.storageUri and memory")
+        try:
+            check_name(name, f"TrainedModel {name}: metadata.name")
+        except LayoutError as e:
+            errors.append(str(e))
     return errors
 
 

@@ -152,7 +152,7 @@ def test_the_prometheusrule_spec_is_exactly_rules_yml(rendered: Path) -> None:
 @needs_promtool
 def test_promtool_checks_and_unit_tests_the_alert_rules(rendered: Path) -> None:
     log = _validate("promtool", rendered)
-    assert "SUCCESS: 9 rules found" in log and "Unit Testing:  rules_test.yml\n  SUCCESS" in log
+    assert "SUCCESS: 11 rules found" in log and "Unit Testing:  rules_test.yml\n  SUCCESS" in log
     assert "adapter-queries.yml\n  SUCCESS: 2 rules found" in log
 
 
@@ -218,3 +218,52 @@ def test_every_configmap_setting_is_a_server_flag_the_server_accepts(rendered: P
         known = {f"VAE_SERVE_{f.name.upper()}" for f in dataclasses.fields(config)}
         assert set(env) <= known, f"{o}: unknown settings {sorted(set(env) - known)}"
         assert config.providers == ("cuda" if o == "gpu" else "cpu")
+
+
+def test_the_kserve_multimodel_runtime_and_its_trainedmodel_are_consistent_and_their_pod_validates(
+        tmp_path: Path) -> None:
+    log = _validate("kserve", tmp_path)
+    assert "multimodel.yaml: KServe objects consistent" in log
+    objs = _objects(tmp_path / "multimodel.yaml")
+    rt = objs[("ServingRuntime", "vae-serve-multimodel")]
+    env = {e["name"]: e["value"] for e in rt["spec"]["containers"][0]["env"]}
+    assert rt["spec"]["multiModel"] is True and env["VAE_SERVE_MODEL_CONTROL"] == "explicit"
+    assert objs[("TrainedModel", "fleet-a")]["spec"]["inferenceService"] == "vae-fleet"
+
+
+def test_check_kserve_rejects_a_trainedmodel_for_another_service_a_bad_name_and_an_isvc_with_a_model(
+        tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "deploy" / "kserve"))
+    try:
+        from check_kserve import check
+    finally:
+        sys.path.pop(0)
+    d = REPO / "deploy/kserve/multimodel"
+    docs = [x for f in ("servingruntime.yaml", "inferenceservice.yaml", "trainedmodel.yaml")
+            for x in yaml.safe_load_all((d / f).read_text()) if x]
+    assert check(docs, tmp_path) == []
+    docs[1]["spec"]["predictor"]["model"]["storageUri"] = "s3://x/"
+    docs[2]["spec"]["inferenceService"] = "other"
+    docs[2]["metadata"]["name"] = "bad/name"
+    docs[2]["spec"]["model"]["frameworks"] = "vae-serve"
+    errors = "\n".join(check(docs, tmp_path))
+    for want in ("has a storageUri", "inferenceService 'other'", "metadata.name: expected a model name",
+                 "spec.model.frameworks: unknown field"):
+        assert want in errors, errors
+
+
+def test_the_poll_mode_repository_example_is_wired_and_validates_strictly(tmp_path: Path) -> None:
+    log = _validate("repository", tmp_path)
+    assert "model repository wiring consistent" in log
+    for version in ("1.31", "1.34"):
+        assert f"passed for resource cronjob/vae-retrain against version {version}" in log, log
+    sys.path.insert(0, str(REPO / "deploy" / "k8s"))
+    try:
+        from check_repository import check
+    finally:
+        sys.path.pop(0)
+    docs = [x for x in yaml.safe_load_all((tmp_path / "repository-poll.yaml").read_text()) if x]
+    cron = next(x for x in docs if x["kind"] == "CronJob")
+    export = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    export["args"] = ["--run=/work/run", "--repository=/elsewhere", "--name=digits"]
+    assert any("--repository '/elsewhere' must be claim" in e for e in check(docs))

@@ -171,3 +171,28 @@ def test_an_export_removes_the_staging_directories_of_killed_exports_but_not_of_
     proc = _export("--run", str(trained_run_dir), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["exported", running.name, other.name])
+
+
+def test_export_into_a_repository_publishes_the_next_version_and_a_polling_server_serves_it(
+        exported_model_dir: Path, trained_run_dir: Path, tmp_path: Path) -> None:
+    from tests.integration._server import start_server
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_model_dir, repo / "digits" / "1")
+    server = start_server(repo, tmp_path, "--model-repository", str(repo), "--model-control", "poll",
+                          "--repository-poll-s", "0.1")
+    try:
+        proc = _export("--run", str(trained_run_dir), "--repository", str(repo), "--name", "digits")
+        assert proc.returncode == 0, proc.stderr
+        assert "published digits version 2 (manifest version " in proc.stdout and str(repo / "digits" / "2") in proc.stdout
+        assert sorted(p.name for p in (repo / "digits").iterdir()) == ["1", "2"]  # no staging directory left
+        assert verify_model_dir(repo / "digits" / "2").name == "digits"
+        deadline = time.monotonic() + 30
+        while server.metrics().get(("vae_model_unloads_total", (("name", "digits"),)), 0.0) < 1:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        assert "model digits version 2: routed to" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()
+    no_name = _export("--run", str(trained_run_dir), "--repository", str(repo))
+    assert no_name.returncode == 2 and "--name is required with --repository" in no_name.stderr

@@ -23,10 +23,14 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("x",)
+    __slots__ = ("x", "model", "version")
     X_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     x: Tensor
-    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    model: str
+    version: str
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("mu", "var")
@@ -37,16 +41,20 @@ class EncodeResponse(_message.Message):
     def __init__(self, mu: _Optional[_Union[Tensor, _Mapping]] = ..., var: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("count", "seed", "temperature", "return_z")
+    __slots__ = ("count", "seed", "temperature", "return_z", "model", "version")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     RETURN_Z_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     count: int
     seed: int
     temperature: float
     return_z: bool
-    def __init__(self, count: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_z: _Optional[bool] = ...) -> None: ...
+    model: str
+    version: str
+    def __init__(self, count: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_z: _Optional[bool] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("x", "z", "seed")
@@ -59,14 +67,18 @@ class SampleResponse(_message.Message):
     def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ReconstructRequest(_message.Message):
-    __slots__ = ("x", "use_mean", "seed")
+    __slots__ = ("x", "use_mean", "seed", "model", "version")
     X_FIELD_NUMBER: _ClassVar[int]
     USE_MEAN_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     x: Tensor
     use_mean: bool
     seed: int
-    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., use_mean: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    model: str
+    version: str
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., use_mean: _Optional[bool] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ReconstructResponse(_message.Message):
     __slots__ = ("x_hat", "recon_log_lik", "kl", "seed")
@@ -81,10 +93,14 @@ class ReconstructResponse(_message.Message):
     def __init__(self, x_hat: _Optional[_Union[Tensor, _Mapping]] = ..., recon_log_lik: _Optional[_Union[Tensor, _Mapping]] = ..., kl: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("z",)
+    __slots__ = ("z", "model", "version")
     Z_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     z: Tensor
-    def __init__(self, z: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    model: str
+    version: str
+    def __init__(self, z: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("x",)
@@ -92,9 +108,61 @@ class DecodeResponse(_message.Message):
     x: Tensor
     def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class ScoreRequest(_message.Message):
+    __slots__ = ("x", "k", "seed", "quantile", "want_feature_scores", "kind", "model", "version")
+    X_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    WANT_FEATURE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    x: Tensor
+    k: int
+    seed: int
+    quantile: float
+    want_feature_scores: bool
+    kind: str
+    model: str
+    version: str
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., seed: _Optional[int] = ..., quantile: _Optional[float] = ..., want_feature_scores: _Optional[bool] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("score", "nll", "percentile", "is_outlier", "threshold", "feature_scores", "k", "seed", "kind", "quantile", "calibrated", "calibration")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    NLL_FIELD_NUMBER: _ClassVar[int]
+    PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    IS_OUTLIER_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    score: Tensor
+    nll: Tensor
+    percentile: Tensor
+    is_outlier: _containers.RepeatedScalarFieldContainer[bool]
+    threshold: float
+    feature_scores: Tensor
+    k: int
+    seed: int
+    kind: str
+    quantile: float
+    calibrated: bool
+    calibration: str
+    def __init__(self, score: _Optional[_Union[Tensor, _Mapping]] = ..., nll: _Optional[_Union[Tensor, _Mapping]] = ..., percentile: _Optional[_Union[Tensor, _Mapping]] = ..., is_outlier: _Optional[_Iterable[bool]] = ..., threshold: _Optional[float] = ..., feature_scores: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., seed: _Optional[int] = ..., kind: _Optional[str] = ..., quantile: _Optional[float] = ..., calibrated: _Optional[bool] = ..., calibration: _Optional[str] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("name", "version", "example_shape", "latent_dim", "likelihood", "learned_variance", "normalization_kind", "normalization_offset", "normalization_scale", "providers", "max_batch_size", "max_queue_delay_us", "max_queue_rows", "max_sample_count", "manifest_json")
@@ -183,3 +251,21 @@ class ReconstructStreamResponse(_message.Message):
     status: Status
     response: ReconstructResponse
     def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., response: _Optional[_Union[ReconstructResponse, _Mapping]] = ...) -> None: ...
+
+class ScoreStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request: ScoreRequest
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[ScoreRequest, _Mapping]] = ...) -> None: ...
+
+class ScoreStreamResponse(_message.Message):
+    __slots__ = ("id", "status", "response")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: Status
+    response: ScoreResponse
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., response: _Optional[_Union[ScoreResponse, _Mapping]] = ...) -> None: ...

@@ -56,6 +56,11 @@ class VaeServiceStub:
                 request_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/vae.v1.VaeService/Score',
+                request_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/vae.v1.VaeService/GetModelInfo',
                 request_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.GetModelInfoRequest.SerializeToString,
@@ -75,6 +80,11 @@ class VaeServiceStub:
                 '/vae.v1.VaeService/ReconstructStream',
                 request_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamRequest.SerializeToString,
                 response_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamResponse.FromString,
+                _registered_method=True)
+        self.ScoreStream = channel.stream_stream(
+                '/vae.v1.VaeService/ScoreStream',
+                request_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreStreamRequest.SerializeToString,
+                response_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreStreamResponse.FromString,
                 _registered_method=True)
 
 
@@ -111,6 +121,14 @@ class VaeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Anomaly scores of x: the importance-weighted -log p(x) with k samples and the default outlier score,
+        each example's percentile in the export's calibration data and whether it is over the threshold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """Manifest facts, the providers in use and the batching settings.
         """
@@ -119,7 +137,7 @@ class VaeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EncodeStream(self, request_iterator, context):
-        """Bidirectional streams of Encode, Decode and Reconstruct (Sample stays unary). Each request message
+        """Bidirectional streams of Encode, Decode, Reconstruct and Score (Sample stays unary). Each request message
         carries a client-chosen `id` and one unary request; the server answers every request message with
         exactly one response message carrying the same `id` and either the unary response (status unset,
         i.e. OK) or a `status` saying why that one message failed: an invalid or refused message does not
@@ -142,6 +160,12 @@ class VaeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReconstructStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScoreStream(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +194,11 @@ def add_VaeServiceServicer_to_server(servicer, server):
                     request_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.DecodeRequest.FromString,
                     response_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.DecodeResponse.SerializeToString,
             ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreRequest.FromString,
+                    response_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreResponse.SerializeToString,
+            ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.GetModelInfoRequest.FromString,
@@ -189,6 +218,11 @@ def add_VaeServiceServicer_to_server(servicer, server):
                     servicer.ReconstructStream,
                     request_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamRequest.FromString,
                     response_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamResponse.SerializeToString,
+            ),
+            'ScoreStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ScoreStream,
+                    request_deserializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreStreamRequest.FromString,
+                    response_serializer=serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +346,33 @@ class VaeService:
             _registered_method=True)
 
     @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vae.v1.VaeService/Score',
+            serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreRequest.SerializeToString,
+            serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetModelInfo(request,
             target,
             options=(),
@@ -409,6 +470,33 @@ class VaeService:
             '/vae.v1.VaeService/ReconstructStream',
             serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamRequest.SerializeToString,
             serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ReconstructStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vae.v1.VaeService/ScoreStream',
+            serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreStreamRequest.SerializeToString,
+            serving_dot___proto_dot_vae_dot_v1_dot_vae__service__pb2.ScoreStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
