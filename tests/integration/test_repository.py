@@ -214,8 +214,9 @@ def test_memory_during_a_swap_is_the_old_version_plus_the_new_one_and_unloaded_v
               f"{peak / mib:.1f} MiB (+{(peak - empty) / mib:.1f} = old version + {(peak - one) / mib:.1f}); after "
               f"{end / mib:.1f} MiB (+{(end - empty) / mib:.1f})")
         # A swap holds the old version and the new one (plus what parsing the new one's files takes while it
-        # loads), never three versions; and after the swaps one version again (six kept would be six more).
-        assert peak - empty < 2.5 * cost, (empty, one, first_load_peak, peak)
+        # loads: 1.4-1.5 versions measured), never three versions; and after the swaps one version again (six
+        # kept would be six more). 2.5 x cost failed once in a clean-clone run at 2.53 x: the bound is three.
+        assert peak - empty < 2.9 * cost, (empty, one, first_load_peak, peak)
         assert end - empty < 1.5 * cost, (empty, one, end)
     finally:
         done.set()
