@@ -95,13 +95,13 @@ class VaeCore:
         self.example_shape: tuple[int, ...] = tuple(self.manifest.example_shape)
         self.latent_dim = self.manifest.latent_dim
         self.max_rows = config.max_queue_rows
-        inline_rows = (config.max_batch_size if config.frontend == "native" else INLINE_ROWS_CPU) \
-            if model.providers == [CPU] else 0
+        on_cpu = model.providers == [CPU]
+        inline_rows = (config.max_batch_size if config.frontend == "native" else INLINE_ROWS_CPU) if on_cpu else 0
         # Past ~32 rows ONNX Runtime's cost per row on the CPU is flat (benchmarks.ort_ceiling), so there a
         # batch stops growing at CPU_PREFERRED_ROWS: waiting and merging would only add latency and copies.
         # A GPU's cost per row keeps falling with the batch: it fills batches to --max-batch-size.
         preferred = config.preferred_batch_size or (
-            min(CPU_PREFERRED_ROWS, config.max_batch_size) if model.providers == [CPU] else config.max_batch_size)
+            min(CPU_PREFERRED_ROWS, config.max_batch_size) if on_cpu else config.max_batch_size)
         self.batchers = {
             runner.name: Batcher(runner, max_batch_size=config.max_batch_size,
                                  max_queue_delay_us=config.max_queue_delay_us, max_queue_rows=config.max_queue_rows,
